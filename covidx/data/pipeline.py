@@ -1,0 +1,139 @@
+"""tf.data input pipeline over a dataset table (see :mod:`covidx.data.sources`).
+
+Per image: read + decode (PNG 8/16-bit, JPEG, DICOM) -> gray -> resize -> uint8 ->
+**cache** (decoded, resized images; in memory or a cache file) -> [random or centre
+crop] -> CLAHE (probability) -> augmentation -> model channels; then batch,
+per-sample class weights, prefetch. Maps run in parallel with AUTOTUNE.
+Randomness is stateless, drawn per image and epoch from ``seed``, so runs repeat.
+Masks (lung, lesion) are read, resized, cached, cropped and augmented with their
+image (nearest-neighbour), so they stay aligned.
+
+Batches follow the trainer contract (:mod:`covidx.training.trainers`):
+``(image, y, sample_weight)`` or ``({"image", "lung_mask"}, y, sample_weight)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from covidx.data.augment import augment_image, get_augment
+from covidx.data.io import decode_tf, to_channels
+from covidx.data.preprocess import PreprocessConfig, clahe_tf, crop_tf, resize_tf
+from covidx.tasks import Task, get_task
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def balanced_class_weights(labels, num_classes: int) -> np.ndarray:
+    """``n / (K * n_c)`` per class (scikit-learn's "balanced"); absent classes get weight 0."""
+    counts = np.bincount(np.asarray(labels, dtype=int), minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    w = np.zeros(num_classes)
+    w[present] = counts.sum() / (present.sum() * counts[present])
+    return w
+
+
+def _read_mask_tf(path, like):
+    """Mask file -> uint8 (H, W, 1) in {0, 1} at the image's size; empty string -> all zeros."""
+    def read():
+        m = decode_tf(path, tf.constant(False))
+        m = tf.cast(m > 127.0, tf.float32)
+        m = tf.image.resize(m, tf.shape(like)[:2], method="nearest")
+        return tf.cast(m, tf.uint8)
+
+    return tf.cond(tf.strings.length(path) > 0, read, lambda: tf.zeros_like(like, tf.uint8))
+
+
+def make_dataset(
+    table: pd.DataFrame,
+    task: str | Task,
+    config: PreprocessConfig,
+    training: bool = False,
+    batch_size: int = 32,
+    class_weights=None,
+    lung_masks: bool = False,
+    cache: bool | str = True,
+    shuffle: bool | None = None,
+    seed: int = 0,
+    drop_remainder: bool = False,
+    ignore_errors: bool = True,
+) -> tf.data.Dataset:
+    """Build the dataset for ``table`` (already filtered by :func:`covidx.data.splits.select_task`).
+
+    Args:
+        class_weights: per-class weights (array of length K) turned into per-sample weights.
+        lung_masks: yield ``{"image", "lung_mask"}`` inputs (Regional Learning).
+        cache: ``True`` for an in-memory cache of decoded, resized images; a path for a cache file;
+            ``False`` for none.
+        ignore_errors: skip (and log) an image that fails to decode instead of stopping the run;
+            files are also checked when the table is built.
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    segmentation = task.kind == "segmentation"
+    spec = get_augment(config.augment) if training else get_augment("none")
+    shuffle = training if shuffle is None else shuffle
+    size, crop = config.image_size, config.resize == "crop"
+
+    paths = table["path"].astype(str).tolist()
+    dicom = table["dicom"].astype(bool).tolist() if "dicom" in table else [p.lower().endswith((".dcm", ".dicom")) for p in paths]
+    labels = table["label_index"].astype(int).tolist()
+    target_masks = (table[task.mask_column].astype(str).tolist() if segmentation else [""] * len(paths))
+    lung = table["mask_path"].astype(str).tolist() if lung_masks else [""] * len(paths)
+    if lung_masks and not all(lung):
+        missing = [p for p, m in zip(paths, lung) if not m][:3]
+        raise ValueError(f"Regional Learning needs a lung mask for every image; missing for e.g. {missing}")
+
+    ds = tf.data.Dataset.from_tensor_slices(
+        {"index": np.arange(len(paths), dtype=np.int64), "path": paths, "dicom": dicom, "label": labels,
+         "target": target_masks, "lung": lung}
+    )
+
+    def load(e):
+        img = decode_tf(e["path"], e["dicom"])
+        masks = tf.concat([_read_mask_tf(e["target"], img), _read_mask_tf(e["lung"], img)], axis=-1)
+        img = resize_tf(img, size, config.resize)
+        masks = tf.cast(resize_tf(masks, size, config.resize, method="nearest"), tf.uint8)
+        img = tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
+        return {"index": e["index"], "image": img, "masks": masks, "label": e["label"]}
+
+    ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+    if ignore_errors:
+        ds = ds.ignore_errors(log_warning=True)
+    if cache:
+        ds = ds.cache(cache if isinstance(cache, str) else "")
+    if shuffle:
+        ds = ds.shuffle(min(len(paths), 2048), seed=seed, reshuffle_each_iteration=True)
+
+    # One int64 pair per image and epoch: stateless randomness, fresh each epoch, repeatable across runs.
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    ds = tf.data.Dataset.zip(ds, seeds)
+    weights = tf.constant(np.ones(task.num_classes) if class_weights is None else class_weights, tf.float32)
+
+    def prepare(e, seed_i):
+        img, masks = e["image"], e["masks"]
+        if crop:
+            stacked = tf.concat([img, masks], axis=-1)
+            stacked = crop_tf(stacked, size, tf.random.experimental.stateless_fold_in(seed_i, 101) if training else None)
+            img, masks = stacked[..., :1], stacked[..., 1:]
+        if training and config.clahe_prob > 0:
+            use = tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(seed_i, 202)) < config.clahe_prob
+            img = tf.cond(use, lambda: clahe_tf(img, config.clahe_clip, config.clahe_grid), lambda: img)
+        elif config.clahe_inference:
+            img = clahe_tf(img, config.clahe_clip, config.clahe_grid)
+        img = tf.cast(img, tf.float32)
+        if training:
+            img, masks = augment_image(img, masks, spec, tf.random.experimental.stateless_fold_in(seed_i, 303))
+        img = tf.ensure_shape(to_channels(img, config.channels), [size, size, config.channels])
+        masks = tf.ensure_shape(masks, [size, size, 2])
+        if segmentation:
+            y = tf.cast(masks[..., 0], tf.int32)
+        else:
+            y = tf.one_hot(e["label"], task.num_classes)
+        inputs = {"image": img, "lung_mask": tf.cast(masks[..., 1:], tf.float32)} if lung_masks else img
+        return inputs, y, tf.gather(weights, e["label"])
+
+    ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    return ds.prefetch(AUTOTUNE)

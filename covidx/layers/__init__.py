@@ -1,0 +1,6 @@
+"""Custom Keras layers, each serializable (``covidx>`` package in the Keras registry)."""
+
+from covidx.layers.normalization import ImageNormalization
+from covidx.layers.squeeze_excite import SqueezeExcite
+
+__all__ = ["ImageNormalization", "SqueezeExcite"]

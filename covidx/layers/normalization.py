@@ -1,0 +1,78 @@
+"""In-graph pixel normalisation, so that a model carries its own preprocessing.
+
+Every covidx model takes float pixels in [0, 255] (grayscale or RGB, as its
+preset says) and normalises them with :class:`ImageNormalization` as its first
+layer. Training, ``covidx.predict`` and the TF Serving export then feed the same
+tensor and cannot disagree about scaling (the most reported failure of chest
+X-ray model code, see torchxrayvision#89 and COVID-Net#102).
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# keras.applications "caffe" mode: BGR order, mean subtraction on 0..255.
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+MODES = ("imagenet", "caffe", "symmetric", "unit", "zscore", "raw")
+
+
+@keras.saving.register_keras_serializable(package="covidx")
+class ImageNormalization(keras.layers.Layer):
+    """Normalise [0, 255] pixels the way a backbone expects.
+
+    Modes:
+        ``imagenet`` (a.k.a. keras "torch"): ``(x/255 - mean) / std`` with ImageNet statistics;
+        ``caffe``: RGB -> BGR and ImageNet mean subtraction, no scaling (VGG, keras ResNet);
+        ``symmetric``: ``x/127.5 - 1`` (range [-1, 1]);
+        ``unit``: ``x/255`` (range [0, 1]);
+        ``zscore``: per-image standardisation ``(x - mean(x)) / std(x)`` (MAG-SD);
+        ``raw``: identity (EfficientNet normalises inside its own graph).
+
+    For 1-channel input the ImageNet statistics are averaged over RGB.
+    """
+
+    def __init__(self, mode: str = "imagenet", epsilon: float = 1e-6, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in MODES:
+            raise ValueError(f"unknown normalisation mode {mode!r}; choose one of {MODES}")
+        self.mode = mode
+        self.epsilon = epsilon
+
+    def _stats(self, channels: int):
+        if self.mode == "imagenet":
+            mean, std = [m * 255.0 for m in IMAGENET_MEAN], [s * 255.0 for s in IMAGENET_STD]
+        else:  # caffe
+            mean, std = list(CAFFE_MEAN_BGR), [1.0, 1.0, 1.0]
+        if channels == 1:
+            mean, std = [sum(mean) / 3.0], [sum(std) / 3.0]
+        elif channels != 3:
+            raise ValueError(f"{self.mode!r} normalisation needs 1 or 3 channels, got {channels}")
+        return mean, std
+
+    def call(self, x):
+        x = ops.cast(x, self.compute_dtype)
+        if self.mode in ("imagenet", "caffe"):
+            channels = x.shape[-1]
+            if self.mode == "caffe" and channels == 3:
+                x = ops.flip(x, axis=-1)
+            mean, std = self._stats(channels)
+            return (x - ops.convert_to_tensor(mean, x.dtype)) / ops.convert_to_tensor(std, x.dtype)
+        if self.mode == "symmetric":
+            return x / 127.5 - 1.0
+        if self.mode == "unit":
+            return x / 255.0
+        if self.mode == "zscore":
+            mean = ops.mean(x, axis=(1, 2, 3), keepdims=True)
+            std = ops.std(x, axis=(1, 2, 3), keepdims=True)
+            return (x - mean) / ops.maximum(std, self.epsilon)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode, "epsilon": self.epsilon}

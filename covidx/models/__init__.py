@@ -1,0 +1,8 @@
+"""Model zoo: one module per architecture, all registered in :mod:`covidx.models.registry`."""
+
+from covidx.models.registry import Preset, create_model, get_spec, list_models, register_model
+
+# Importing each architecture module registers its variants.
+from covidx.models import baseline  # noqa: F401,E402
+
+__all__ = ["Preset", "create_model", "get_spec", "list_models", "register_model"]

@@ -1,0 +1,68 @@
+"""keras.applications baselines: a backbone built on the covidx input, GAP, dropout, softmax head.
+
+These are the reference points every paper model is compared with, and the
+default model of ``python -m covidx.train``. The backbone is built on the outer
+input tensor (``input_tensor=``) rather than nested as a sub-model, so its
+layers are part of one flat graph and Grad-CAM can reach any of them
+(FIELD-NOTES: nested backbones break ``keras.Model(inputs, layer.output)``).
+"""
+
+from __future__ import annotations
+
+import keras
+
+from covidx.layers import ImageNormalization
+from covidx.models.registry import Preset, register_model
+from covidx.weights import resolve_weights
+
+APPLICATIONS = {
+    "mobilenetv2": (keras.applications.MobileNetV2, "symmetric"),
+    "resnet50": (keras.applications.ResNet50, "caffe"),
+    "densenet121": (keras.applications.DenseNet121, "imagenet"),
+    "densenet169": (keras.applications.DenseNet169, "imagenet"),
+    "efficientnetb0": (keras.applications.EfficientNetB0, "raw"),
+}
+
+
+def build_application_classifier(
+    arch: str,
+    num_classes: int,
+    input_shape,
+    weights=None,
+    normalization=None,
+    dropout: float = 0.2,
+    name: str | None = None,
+):
+    """keras.applications ``arch`` without top -> GAP -> dropout -> Dense(softmax)."""
+    app, default_norm = APPLICATIONS[arch]
+    path = resolve_weights(arch, weights)
+    if path is not None and input_shape[-1] != 3:
+        raise ValueError(f"ImageNet weights for {arch} need 3-channel input, got {input_shape[-1]}")
+    inputs = keras.Input(input_shape, name="image")
+    x = ImageNormalization(normalization or default_norm, name="normalize")(inputs)
+    backbone = app(include_top=False, weights=path, input_tensor=x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(backbone.output)
+    if dropout:
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions", dtype="float32")(x)
+    return keras.Model(inputs, outputs, name=name or f"baseline_{arch}")
+
+
+def _register(arch, preset):
+    def builder(num_classes, input_shape, weights=None, normalization=None, **kwargs):
+        return build_application_classifier(arch, num_classes, input_shape, weights, normalization, **kwargs)
+
+    builder.__name__ = f"baseline_{arch}"
+    register_model(
+        f"baseline-{arch}",
+        preset,
+        description=f"keras.applications {arch} + GAP + softmax (baseline)",
+    )(builder)
+
+
+_BASE = Preset(
+    task="4class", image_size=224, channels=3, optimizer="adam", learning_rate=1e-3,
+    batch_size=32, epochs=30, augment="light", schedule="cosine",
+)
+for _arch, (_, _norm) in APPLICATIONS.items():
+    _register(_arch, _BASE.replace(normalization=_norm))

@@ -1,0 +1,82 @@
+"""Training runs on disk: ``runs/<model>/<timestamp>/`` and how to load them back.
+
+A run directory holds ``config.json`` (every resolved setting, including the
+preprocessing definition), ``split.csv`` (the table with the patient-grouped
+split it trained on), ``best.keras`` / ``last.keras`` (the functional network),
+``history.csv``, ``tensorboard/`` and ``backup/`` (optimizer state for
+``--resume``). :func:`load_run` accepts a run directory or a ``.keras`` file
+inside one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from covidx.data.preprocess import PreprocessConfig
+
+
+@dataclass
+class Run:
+    model: object  # keras.Model
+    config: dict
+    directory: Path | None
+    checkpoint: Path
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig.from_dict(self.config.get("preprocess", {}))
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.config["classes"])
+
+    @property
+    def task(self) -> str:
+        return self.config["task"]
+
+    def split_table(self) -> pd.DataFrame | None:
+        if self.directory is None or not (self.directory / "split.csv").is_file():
+            return None
+        return pd.read_csv(self.directory / "split.csv", dtype={"split": str, "mask_path": str, "lesion_path": str},
+                           keep_default_na=False)
+
+
+def find_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
+    """(checkpoint file, run directory or None) for a run directory or a ``.keras`` file."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("best.keras", "last.keras"):
+            if (p / name).is_file():
+                return p / name, p
+        raise FileNotFoundError(f"{p}: no best.keras or last.keras in this run directory")
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such checkpoint")
+    return p, (p.parent if (p.parent / "config.json").is_file() else None)
+
+
+def load_config(run_dir: Path | None) -> dict:
+    if run_dir is None:
+        return {}
+    return json.loads((run_dir / "config.json").read_text())
+
+
+def load_run(path: str | Path, compile: bool = False) -> Run:
+    """Load a checkpoint (safe_mode=True: no pickles, no Lambda) and its run configuration."""
+    import keras
+
+    import covidx.layers  # noqa: F401  (registers custom layers)
+    import covidx.models  # noqa: F401
+
+    ckpt, run_dir = find_checkpoint(path)
+    model = keras.models.load_model(ckpt, compile=compile, safe_mode=True)
+    config = load_config(run_dir)
+    if not config:
+        # A bare .keras file: infer what can be inferred, say what was assumed.
+        shape = model.inputs[0].shape
+        config = {"classes": [f"class_{i}" for i in range(model.outputs[0].shape[-1])], "task": "unknown",
+                  "preprocess": PreprocessConfig(image_size=int(shape[1]), channels=int(shape[-1])).to_dict()}
+    return Run(model, config, run_dir, ckpt)

@@ -1,0 +1,109 @@
+"""Label schemes ("tasks") shared by every reader, model preset and report.
+
+Every dataset source maps its images to one *finding* from :data:`FINDINGS`
+(``covid19``, ``viral``, ``bacterial``, ``normal`` or the unspecified
+``pneumonia`` of flat-labelled sets). A task turns findings into the class
+indices a model is trained on; the same task names are used by
+``python -m covidx.data --task``, ``python -m covidx.train --task`` and every
+model preset:
+
+==========  ==========================================  =======================
+task        classes (index order)                       used by
+==========  ==========================================  =======================
+``stage1``  bacterial, normal, viral                    Cascade-SEME stage 1
+                                                        (COVID-19 counts as
+                                                        viral, as in the paper)
+``stage2``  covid19, viral                              Cascade-SEME stage 2
+``3class``  covid19, pneumonia, normal                  concatenated ensemble
+``4class``  covid19, bacterial, viral, normal           SE-DPN, MAG-SD
+``lungs``   background, lung                            lung U-Net
+``lesions`` background, lesion                          FC-DenseNet103
+==========  ==========================================  =======================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FINDINGS = ("covid19", "viral", "bacterial", "normal", "pneumonia")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A label scheme: ordered class names and the finding -> class map."""
+
+    name: str
+    classes: tuple[str, ...]
+    mapping: dict = field(default_factory=dict)
+    kind: str = "classification"  # or "segmentation"
+    mask_column: str | None = None  # table column holding the target mask
+    description: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def label_of(self, finding: str) -> str | None:
+        """Class name for a finding, or ``None`` when the task excludes it."""
+        return self.mapping.get(finding)
+
+    def index_of(self, finding: str) -> int | None:
+        label = self.label_of(finding)
+        return None if label is None else self.classes.index(label)
+
+
+TASKS: dict[str, Task] = {
+    "stage1": Task(
+        "stage1",
+        ("bacterial", "normal", "viral"),
+        {"bacterial": "bacterial", "normal": "normal", "viral": "viral", "covid19": "viral"},
+        description="Cascade-SEME stage 1: normal / bacterial / viral (COVID-19 is viral)",
+    ),
+    "stage2": Task(
+        "stage2",
+        ("covid19", "viral"),
+        {"covid19": "covid19", "viral": "viral"},
+        description="Cascade-SEME stage 2: COVID-19 vs other viral pneumonia",
+    ),
+    "3class": Task(
+        "3class",
+        ("covid19", "pneumonia", "normal"),
+        {
+            "covid19": "covid19",
+            "viral": "pneumonia",
+            "bacterial": "pneumonia",
+            "pneumonia": "pneumonia",
+            "normal": "normal",
+        },
+        description="Ensemble: COVID-19 / other pneumonia / normal",
+    ),
+    "4class": Task(
+        "4class",
+        ("covid19", "bacterial", "viral", "normal"),
+        {"covid19": "covid19", "bacterial": "bacterial", "viral": "viral", "normal": "normal"},
+        description="SE-DPN and MAG-SD: COVID-19 / bacterial / viral / normal",
+    ),
+    "lungs": Task(
+        "lungs",
+        ("background", "lung"),
+        {f: "lung" for f in FINDINGS},
+        kind="segmentation",
+        mask_column="mask_path",
+        description="Lung-field segmentation (image/mask pairs)",
+    ),
+    "lesions": Task(
+        "lesions",
+        ("background", "lesion"),
+        {"covid19": "lesion", "viral": "lesion", "bacterial": "lesion", "pneumonia": "lesion"},
+        kind="segmentation",
+        mask_column="lesion_path",
+        description="Lesion segmentation of COVID-19 / pneumonia images",
+    ),
+}
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}") from None

@@ -1,0 +1,30 @@
+"""Small image/dataset writers shared by the tests (synthetic data made in the test)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+
+def write_image(path, size=(40, 48), value=None, seed=0, ext=None, dtype=np.uint8, channels=1):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    hi = 65535 if dtype == np.uint16 else 255
+    shape = size + ((channels,) if channels > 1 else ())
+    img = np.full(shape, value, dtype) if value is not None else rng.integers(0, hi, shape).astype(dtype)
+    ok, buf = cv2.imencode(ext or path.suffix, img)
+    assert ok
+    path.write_bytes(buf.tobytes())
+    return img
+
+
+def write_mask(path, size=(40, 48), box=(10, 10, 30, 30)):
+    m = np.zeros(size, np.uint8)
+    y0, x0, y1, x1 = box
+    m[y0:y1, x0:x1] = 255
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), m)
+    return m > 0
