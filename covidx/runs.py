@@ -80,3 +80,36 @@ def load_run(path: str | Path, compile: bool = False) -> Run:
         config = {"classes": [f"class_{i}" for i in range(model.outputs[0].shape[-1])], "task": "unknown",
                   "preprocess": PreprocessConfig(image_size=int(shape[1]), channels=int(shape[-1])).to_dict()}
     return Run(model, config, run_dir, ckpt)
+
+
+def predict_table(run: Run, table: pd.DataFrame, batch_size: int = 16, progress: bool = False):
+    """Run ``run.model`` over ``table`` with the run's own preprocessing (the evaluation path).
+
+    Returns ``(outputs, targets)``: probabilities ``(N, K)`` (or per-pixel probabilities for
+    segmenters) and the targets the pipeline derived (one-hot / class maps; meaningless for
+    tables without labels). Rows are kept in order; unreadable files raise (check them first).
+    """
+    import numpy as np
+
+    from covidx.data import make_dataset
+    from covidx.tasks import TASKS
+
+    table = table.copy()
+    for col in ("mask_path", "lesion_path"):
+        if col not in table:
+            table[col] = ""
+    if "label_index" not in table:
+        table["label_index"] = 0
+    task = TASKS.get(run.task, TASKS["4class"])
+    ds = make_dataset(table, task, run.preprocess, batch_size=batch_size, cache=False, ignore_errors=False)
+    if progress:
+        from tqdm import tqdm
+
+        ds = tqdm(ds, total=-(-len(table) // batch_size), desc="predicting", unit="batch")
+    outs, ys = [], []
+    for x, y, _ in ds:
+        out = run.model(x, training=False)
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        outs.append(np.asarray(out, dtype=np.float32))
+        ys.append(np.asarray(y))
+    return np.concatenate(outs), np.concatenate(ys)

@@ -206,9 +206,9 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
                            channels=pre.channels, weights=cfg.weights)
         trainer = trainer_cls(net)
         if task.kind == "segmentation":
-            from covidx.training.segmentation import DiceCoefficient, dice_cross_entropy_loss
+            from covidx.training.segmentation import DiceCoefficient, DiceCrossEntropyLoss, IoUScore
 
-            loss, metrics = dice_cross_entropy_loss, [DiceCoefficient(name="dice")]
+            loss, metrics = DiceCrossEntropyLoss(), [DiceCoefficient(), IoUScore()]
         else:
             loss = keras.losses.CategoricalCrossentropy()
             metrics = [keras.metrics.CategoricalAccuracy(name="accuracy"), keras.metrics.AUC(name="auc", multi_label=True)]
@@ -274,26 +274,27 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mixed-precision", action="store_true", help="mixed_float16 policy")
     ap.add_argument("--no-verify", dest="verify", action="store_false", help="skip the full decode check of every file")
     ap.add_argument("--steps-per-epoch", type=int, help="cap on steps per epoch (quick runs)")
-    ap.add_argument("--synthetic-patients", type=int, default=60, help="patients per class of the synthetic default")
+    ap.add_argument("--synthetic-patients", type=int, default=60, help="patients (all classes) of the synthetic default")
     ap.add_argument("--no-cache", dest="cache", action="store_false")
     ap.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
     return ap
 
 
-def list_models_table() -> str:
+def list_models_table(names=None) -> str:
+    """One line per registered model: kind, task, input, parameter count (built at full size), description."""
+    import keras
+
     from covidx.models import create_model, get_spec, list_models
     from covidx.tasks import get_task
 
     lines = [f"{'model':<22}{'kind':<12}{'task':<9}{'input':>10}{'parameters':>14}  description"]
-    for name in list_models():
+    for name in names or list_models():
         spec = get_spec(name)
         p = spec.preset
         try:
             n = f"{create_model(name).count_params():,}"
         except Exception as e:  # a model that cannot be built is listed with the reason
             n = f"({type(e).__name__})"
-        import keras
-
         keras.backend.clear_session()
         lines.append(f"{name:<22}{spec.kind:<12}{p.task:<9}{f'{p.image_size}x{p.channels}':>10}{n:>14}  {spec.description}"
                      f" [{get_task(p.task).num_classes} classes]")

@@ -63,8 +63,8 @@ def resolve_weights(arch: str, weights: str | os.PathLike | None) -> str | None:
         filename = IMAGENET_FILES.get(arch)
         if filename is None:
             raise WeightsNotFoundError(
-                f"no ImageNet weights are published for {arch!r}; train it from scratch (--weights none) "
-                "or pass a weights file path"
+                f"covidx knows no Keras ImageNet weight file for {arch!r} (published weights of other "
+                "frameworks need converting first); train it from scratch (--weights none) or pass a weights file path"
             )
         found = find_weight_file(filename)
         if found is None:

@@ -26,6 +26,7 @@ import numpy as np
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
 DICOM_EXTENSIONS = {".dcm", ".dicom"}
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 (as cv2.COLOR_RGB2GRAY), kept in float here and in decode_bytes_tf
 
 
 class ImageReadError(ValueError):
@@ -127,9 +128,6 @@ def read_image(path: str | Path) -> np.ndarray:
     return to_gray_float(img)
 
 
-LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as cv2.COLOR_RGB2GRAY, kept in float here and in decode_tf
-
-
 def to_gray_float(img: np.ndarray) -> np.ndarray:
     """OpenCV-decoded array (8/16-bit, gray/BGR/BGRA) -> float32 gray [0, 255]."""
     scale = 255.0 / 65535.0 if img.dtype == np.uint16 else 1.0
@@ -176,31 +174,34 @@ def _dicom_numpy(path):
     return read_dicom(path.decode() if isinstance(path, bytes) else str(path))
 
 
+def decode_bytes_tf(data):
+    """TF op: encoded PNG (8/16-bit) / JPEG / BMP / GIF bytes -> float32 (H, W, 1) gray [0, 255]."""
+    import tensorflow as tf
+
+    def png():
+        # Decoding as uint16 reads 8-bit PNGs scaled by 257, so one path serves both depths.
+        img = tf.io.decode_png(data, channels=0, dtype=tf.uint16)
+        return tf.cast(img, tf.float32) * (255.0 / 65535.0)
+
+    def other():
+        img = tf.io.decode_image(data, channels=0, expand_animations=False, dtype=tf.uint8)
+        return tf.cast(img, tf.float32)
+
+    img = tf.cond(tf.strings.substr(data, 0, 4) == b"\x89PNG", png, other)
+    img = _gray_tf(img)
+    img.set_shape([None, None, 1])
+    return img
+
+
 def decode_tf(path, dicom):
     """TF op: file path -> float32 (H, W, 1) gray [0, 255]. ``dicom`` is a scalar bool tensor."""
     import tensorflow as tf
-
-    def raster():
-        data = tf.io.read_file(path)
-        is_png = tf.strings.substr(data, 0, 4) == b"\x89PNG"
-
-        def png():
-            # Decoding as uint16 reads 8-bit PNGs scaled by 257, so one path serves both depths.
-            img = tf.io.decode_png(data, channels=0, dtype=tf.uint16)
-            return tf.cast(img, tf.float32) * (255.0 / 65535.0)
-
-        def other():
-            img = tf.io.decode_image(data, channels=0, expand_animations=False, dtype=tf.uint8)
-            return tf.cast(img, tf.float32)
-
-        img = tf.cond(is_png, png, other)
-        return _gray_tf(img)
 
     def dcm():
         img = tf.numpy_function(_dicom_numpy, [path], tf.float32, stateful=False)
         return tf.expand_dims(img, -1)
 
-    img = tf.cond(dicom, dcm, raster)
+    img = tf.cond(dicom, dcm, lambda: decode_bytes_tf(tf.io.read_file(path)))
     img.set_shape([None, None, 1])
     return img
 

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from covidx.data.augment import augment_image, get_augment
 from covidx.data.io import decode_tf, to_channels
-from covidx.data.preprocess import PreprocessConfig, clahe_tf, crop_tf, resize_tf
+from covidx.data.preprocess import PreprocessConfig, clahe_opencv_tf, crop_tf, resize_tf
 from covidx.tasks import Task, get_task
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -119,9 +119,9 @@ def make_dataset(
             img, masks = stacked[..., :1], stacked[..., 1:]
         if training and config.clahe_prob > 0:
             use = tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(seed_i, 202)) < config.clahe_prob
-            img = tf.cond(use, lambda: clahe_tf(img, config.clahe_clip, config.clahe_grid), lambda: img)
+            img = tf.cond(use, lambda: clahe_opencv_tf(img, config.clahe_clip, config.clahe_grid), lambda: img)
         elif config.clahe_inference:
-            img = clahe_tf(img, config.clahe_clip, config.clahe_grid)
+            img = clahe_opencv_tf(img, config.clahe_clip, config.clahe_grid)
         img = tf.cast(img, tf.float32)
         if training:
             img, masks = augment_image(img, masks, spec, tf.random.experimental.stateless_fold_in(seed_i, 303))

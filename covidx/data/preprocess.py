@@ -61,8 +61,8 @@ def clahe_uint8(image: np.ndarray, clip: float = 2.0, grid: int = 8) -> np.ndarr
     return out[..., None] if squeeze else out
 
 
-def clahe_tf(image_uint8, clip: float, grid: int):
-    """CLAHE inside a tf.data pipeline (OpenCV through tf.numpy_function; not for exported graphs)."""
+def clahe_opencv_tf(image_uint8, clip: float, grid: int):
+    """CLAHE inside a tf.data pipeline (OpenCV through tf.numpy_function; exported graphs use covidx.data.clahe)."""
     out = tf.numpy_function(lambda im: clahe_uint8(im, clip, grid), [image_uint8], tf.uint8, stateful=False)
     out.set_shape(image_uint8.shape)
     return out

@@ -1,6 +1,8 @@
 """Custom Keras layers, each serializable (``covidx>`` package in the Keras registry)."""
 
+from covidx.layers.attention import AttentionPooling, MultiscaleAttention
+from covidx.layers.moex import MomentExchange
 from covidx.layers.normalization import ImageNormalization
 from covidx.layers.squeeze_excite import SqueezeExcite
 
-__all__ = ["ImageNormalization", "SqueezeExcite"]
+__all__ = ["AttentionPooling", "ImageNormalization", "MomentExchange", "MultiscaleAttention", "SqueezeExcite"]

@@ -1,0 +1,139 @@
+"""``python -m covidx.evaluate --checkpoint RUN_OR_FILE [--checkpoint ...] [--data PATH --layout L --split S]``.
+
+Without ``--data`` each run is evaluated on the test split it held out (``split.csv``
+in its run directory). Classifiers get the papers' report (``metrics.json``,
+``metrics.md``, ``metrics.csv``, ``roc.png``, ``confusion.png``, ``calibration.png``);
+segmenters a Dice/IoU report. With several checkpoints, every pair is compared
+(F-test, McNemar, DeLong) on the cases they share, with overlaid ROC curves.
+``--audit`` adds the shortcut audit: the share of Grad-CAM energy inside the lung
+mask, per image and per class, flagged when a class's median share is low.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def evaluation_table(run, data=None, layouts=None, split: str | None = "test") -> pd.DataFrame:
+    """The rows to evaluate ``run`` on: its held-out split, or ``data`` (a split of it when it has one)."""
+    from covidx.data import load_sources, select_task
+    from covidx.data.verify import verify_table
+
+    if data:
+        table, report = load_sources(data, layouts)
+        table = verify_table(table, report)
+        for line in report.lines()[:20]:
+            print(f"  {line}", file=sys.stderr)
+        table = select_task(table, run.task)
+        if split and (table["split"] == split).any():
+            table = table[table["split"] == split]
+        return table.reset_index(drop=True)
+    table = run.split_table()
+    if table is None:
+        raise FileNotFoundError(f"{run.checkpoint}: no split.csv beside it; pass --data to say what to evaluate on")
+    split = split or "test"
+    table = table[table["split"] == split]
+    if table.empty:
+        raise ValueError(f"{run.checkpoint}: its {split} split is empty")
+    return table.reset_index(drop=True)
+
+
+def evaluate_run(run, table: pd.DataFrame, out_dir: Path, n_bootstrap: int = 1000, batch_size: int = 16) -> dict:
+    from covidx.evaluation import write_classification_report, write_segmentation_report
+    from covidx.runs import predict_table
+
+    probs, targets = predict_table(run, table, batch_size)
+    name = run.config.get("model", run.model.name)
+    if run.config.get("kind") == "segmentation" or probs.ndim == 4:
+        pred = probs.argmax(-1)
+        return write_segmentation_report(targets, pred, out_dir, ids=list(table["path"]))
+    y_true = table["label_index"].to_numpy().astype(int)
+    return write_classification_report(y_true, probs, run.class_names, out_dir,
+                                       patient_ids=list(table["patient_id"]), model_name=name,
+                                       n_bootstrap=n_bootstrap)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m covidx.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", action="append", required=True, help="run directory or .keras (repeatable)")
+    ap.add_argument("--data", action="append", help="evaluate on this dataset instead of the held-out split")
+    ap.add_argument("--layout", action="append", help="layout of each --data")
+    ap.add_argument("--split", default="test", help="which split to evaluate (default test)")
+    ap.add_argument("--out", help="output folder (default: RUN/eval, or evaluation-<time> for several runs)")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    ap.add_argument("--audit", action="store_true", help="shortcut audit: Grad-CAM energy inside the lung masks")
+    ap.add_argument("--audit-threshold", type=float, default=0.5, help="flag classes whose median share is below")
+    ap.add_argument("--batch-size", type=int, default=16)
+    args = ap.parse_args(argv)
+
+    from covidx.data.sources import DatasetError
+    from covidx.runs import load_run
+
+    several = len(args.checkpoint) > 1
+    out_root = Path(args.out) if args.out else None
+    if out_root is None and several:
+        out_root = Path(f"evaluation-{time.strftime('%Y%m%d-%H%M%S')}")
+    results, summaries = {}, {}
+    try:
+        for ckpt in args.checkpoint:
+            run = load_run(ckpt)
+            table = evaluation_table(run, args.data, args.layout, args.split)
+            name = run.config.get("model", run.model.name)
+            key = name if name not in results else f"{name}-{len(results)}"
+            out = (out_root / key) if several else (out_root or (run.directory or Path(ckpt).parent) / "eval")
+            m = evaluate_run(run, table, out, args.bootstrap, args.batch_size)
+            summaries[key] = m
+            print(f"{key}: {len(table)} images -> {out}")
+            if "accuracy" in m:
+                print(f"  accuracy {m['accuracy']:.4f}" + "".join(
+                    f"  {c}: sens {v['sensitivity']:.3f} spec {v['specificity']:.3f}"
+                    for c, v in m["per_class"].items() if v.get("sensitivity") is not None))
+                results[key] = (run, table)
+            else:
+                print(f"  mean Dice {m['mean_dice']:.4f}  mean IoU {m['mean_iou']:.4f}")
+            if args.audit:
+                from covidx.explain.cli import run_audit
+
+                audit = run_audit(run, table, out, threshold=args.audit_threshold, batch_size=args.batch_size)
+                print(f"  shortcut audit: median share inside lungs per class "
+                      f"{ {c: round(v, 3) for c, v in audit['median_share'].items()} }; flagged: {audit['flagged'] or 'none'}")
+        if several and len(results) > 1:
+            compare(results, out_root, args.batch_size)
+    except (DatasetError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def compare(results: dict, out_root: Path, batch_size: int = 16):
+    """Pairwise comparison on the cases every run was evaluated on."""
+    from covidx.evaluation import write_comparison_report
+    from covidx.runs import predict_table
+
+    common = set.intersection(*(set(t["path"]) for _, t in results.values()))
+    classes = {tuple(r.class_names) for r, _ in results.values()}
+    if len(classes) > 1:
+        print("  (no comparison: the runs have different classes)")
+        return
+    if not common:
+        print("  (no comparison: the runs share no evaluation images; pass --data)")
+        return
+    paired = {}
+    for key, (run, table) in results.items():
+        t = table[table["path"].isin(common)].sort_values("path").reset_index(drop=True)
+        probs, _ = predict_table(run, t, batch_size)
+        paired[key] = (t["label_index"].to_numpy().astype(int), probs)
+    report = write_comparison_report(paired, list(classes.pop()), out_root)
+    print(f"comparison of {len(paired)} models on {len(common)} shared images -> {report['files']['markdown']}")
+    (out_root / "comparison.json").write_text(json.dumps(report["rows"], indent=2, default=float))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

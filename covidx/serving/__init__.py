@@ -1,0 +1,1 @@
+"""TF Serving export (``python -m covidx.export``)."""

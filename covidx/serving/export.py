@@ -1,0 +1,91 @@
+"""SavedModel export in TF Serving's layout: ``OUT/<model_name>/<version>/saved_model.pb`` + ``variables/``.
+
+Signatures:
+
+``serving_default``  ``image_bytes``: string ``[None]`` (PNG or JPEG bytes; REST clients send
+                     ``{"instances": [{"b64": "..."}]}``). The whole preprocessing runs in the graph.
+                     Returns ``probabilities`` float32 ``[None, K]``, ``class_index`` int64 ``[None]``,
+                     ``class_name`` string ``[None]``.
+``predict_tensor``   ``images``: float32 ``[None, S, S, C]`` pixels in [0, 255], already preprocessed.
+                     Same outputs.
+
+Bad requests (not PNG/JPEG, an empty batch, an image over ``max_pixels``) fail with
+``InvalidArgument`` and a message saying which; nothing crashes or hangs. The run's
+``config.json`` goes to ``assets.extra/covidx.json`` (TF Serving ignores that folder).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from covidx.runs import Run, load_run
+from covidx.serving.preprocess import preprocess_bytes
+
+DEFAULT_MAX_PIXELS = 50_000_000  # about 7000 x 7000: larger than any CR/DX detector
+
+
+def next_version(base: Path) -> int:
+    versions = [int(p.name) for p in base.glob("*") if p.is_dir() and p.name.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def serving_name(run: Run) -> str:
+    name = run.config.get("model") or run.model.name
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def build_archive(run: Run, max_pixels: int = DEFAULT_MAX_PIXELS) -> keras.export.ExportArchive:
+    model, config = run.model, run.preprocess
+    classes = tf.constant(run.class_names)
+    size, channels = config.image_size, config.channels
+
+    def outputs(images):
+        probs = model(images, training=False)
+        probs = probs[0] if isinstance(probs, (list, tuple)) else probs
+        probs = tf.cast(probs, tf.float32)
+        index = tf.argmax(probs, axis=-1)
+        return {"probabilities": probs, "class_index": index, "class_name": tf.gather(classes, index)}
+
+    def serving_default(image_bytes):
+        tf.debugging.assert_greater(tf.size(image_bytes), 0, message="empty batch: send at least one image")
+        images = tf.map_fn(lambda b: preprocess_bytes(b, config, max_pixels), image_bytes,
+                           fn_output_signature=tf.TensorSpec([size, size, channels], tf.float32))
+        return outputs(images)
+
+    def predict_tensor(images):
+        tf.debugging.assert_greater(tf.shape(images)[0], 0, message="empty batch: send at least one image")
+        return outputs(images)
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", serving_default,
+                         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    archive.add_endpoint("predict_tensor", predict_tensor,
+                         input_signature=[tf.TensorSpec([None, size, size, channels], tf.float32, name="images")])
+    return archive
+
+
+def export(checkpoint, out_dir, version: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+           name: str | None = None) -> Path:
+    """Export a run (or ``.keras`` file) to ``out_dir/<name>/<version>/``; returns that version folder."""
+    run = load_run(checkpoint)
+    base = Path(out_dir) / (name or serving_name(run))
+    base.mkdir(parents=True, exist_ok=True)
+    version = version or next_version(base)
+    target = base / str(version)
+    if target.exists():
+        raise FileExistsError(f"{target} exists: choose another --version or leave it out to increment")
+    tmp = base / f".{version}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_archive(run, max_pixels).write_out(str(tmp), verbose=False)
+    extra = tmp / "assets.extra"
+    extra.mkdir(exist_ok=True)
+    (extra / "covidx.json").write_text(json.dumps({**run.config, "max_pixels": max_pixels}, indent=2))
+    tmp.rename(target)  # TF Serving never sees a half-written version
+    return target
