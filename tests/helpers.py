@@ -28,3 +28,26 @@ def write_mask(path, size=(40, 48), box=(10, 10, 30, 30)):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), m)
     return m > 0
+
+
+CLASSES4 = ["covid19", "bacterial", "viral", "normal"]
+
+
+def make_run(root, net=None, size=32, channels=1, resize="stretch", clahe_inference=False,
+             model="baseline-mobilenetv2", classes=None, task="4class"):
+    """A run directory as covidx.train writes it (best.keras + config.json), without training."""
+    import json
+
+    from covidx.data import PreprocessConfig
+    from covidx.models import create_model
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    classes = classes or CLASSES4
+    if net is None:
+        net = create_model(model, num_classes=len(classes), image_size=size, channels=channels)
+    net.save(root / "best.keras")
+    pre = PreprocessConfig(image_size=size, channels=channels, resize=resize, clahe_inference=clahe_inference)
+    (root / "config.json").write_text(json.dumps({"model": model, "task": task, "classes": list(classes),
+                                                  "kind": "classification", "preprocess": pre.to_dict()}))
+    return root, net, pre

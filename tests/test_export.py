@@ -6,28 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
 
-from covidx.data import PreprocessConfig, make_dataset
-from covidx.models import create_model
+from covidx.data import make_dataset
 from covidx.serving.export import export
-from tests.helpers import write_image
-
-CLASSES = ["covid19", "bacterial", "viral", "normal"]
-
-
-def make_run(root: Path, size=32, channels=1, resize="stretch", clahe_inference=False, model="baseline-mobilenetv2"):
-    root.mkdir(parents=True, exist_ok=True)
-    net = create_model(model, num_classes=4, image_size=size, channels=channels)
-    net.save(root / "best.keras")
-    pre = PreprocessConfig(image_size=size, channels=channels, resize=resize, clahe_inference=clahe_inference)
-    (root / "config.json").write_text(json.dumps({"model": model, "task": "4class", "classes": CLASSES,
-                                                  "preprocess": pre.to_dict()}))
-    return root, net, pre
+from tests.helpers import CLASSES4 as CLASSES, make_run, write_image
 
 
 def images(tmp_path, n=3):

@@ -15,12 +15,13 @@ from covidx.layers import ImageNormalization
 from covidx.models.registry import Preset, register_model
 from covidx.weights import resolve_weights
 
+# arch -> (application, its pixel normalisation, its last convolutional feature map for Grad-CAM)
 APPLICATIONS = {
-    "mobilenetv2": (keras.applications.MobileNetV2, "symmetric"),
-    "resnet50": (keras.applications.ResNet50, "caffe"),
-    "densenet121": (keras.applications.DenseNet121, "imagenet"),
-    "densenet169": (keras.applications.DenseNet169, "imagenet"),
-    "efficientnetb0": (keras.applications.EfficientNetB0, "raw"),
+    "mobilenetv2": (keras.applications.MobileNetV2, "symmetric", "out_relu"),
+    "resnet50": (keras.applications.ResNet50, "caffe", "conv5_block3_out"),
+    "densenet121": (keras.applications.DenseNet121, "imagenet", "relu"),
+    "densenet169": (keras.applications.DenseNet169, "imagenet", "relu"),
+    "efficientnetb0": (keras.applications.EfficientNetB0, "raw", "top_activation"),
 }
 
 
@@ -34,13 +35,20 @@ def build_application_classifier(
     name: str | None = None,
 ):
     """keras.applications ``arch`` without top -> GAP -> dropout -> Dense(softmax)."""
-    app, default_norm = APPLICATIONS[arch]
+    app, default_norm, _ = APPLICATIONS[arch]
     path = resolve_weights(arch, weights)
     if path is not None and input_shape[-1] != 3:
         raise ValueError(f"ImageNet weights for {arch} need 3-channel input, got {input_shape[-1]}")
     inputs = keras.Input(input_shape, name="image")
     x = ImageNormalization(normalization or default_norm, name="normalize")(inputs)
     backbone = app(include_top=False, weights=path, input_tensor=x)
+    if path is None:
+        # From scratch, keras.applications' BN momentum (0.999 in MobileNetV2, 0.99 elsewhere) leaves the
+        # moving statistics at their initial values for thousands of steps, so evaluation sees a
+        # different network than training. 0.9 (PyTorch's 0.1) tracks them within tens of steps.
+        for layer in backbone.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = 0.9
     x = keras.layers.GlobalAveragePooling2D(name="gap")(backbone.output)
     if dropout:
         x = keras.layers.Dropout(dropout, name="dropout")(x)
@@ -57,6 +65,7 @@ def _register(arch, preset):
         f"baseline-{arch}",
         preset,
         description=f"keras.applications {arch} + GAP + softmax (baseline)",
+        gradcam_layer=APPLICATIONS[arch][2],
     )(builder)
 
 
@@ -64,5 +73,5 @@ _BASE = Preset(
     task="4class", image_size=224, channels=3, optimizer="adam", learning_rate=1e-3,
     batch_size=32, epochs=30, augment="light", schedule="cosine",
 )
-for _arch, (_, _norm) in APPLICATIONS.items():
+for _arch, (_, _norm, _) in APPLICATIONS.items():
     _register(_arch, _BASE.replace(normalization=_norm))

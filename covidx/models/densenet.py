@@ -148,4 +148,4 @@ _VARIANTS = {
     "seme-densenet169": (dict(se=True, moex=True), STAGE2_MOEX, "SEME-DenseNet169, Cascade-SEME stage 2 (M10/M14)"),
 }
 for _name, (_kwargs, _preset, _description) in _VARIANTS.items():
-    register_model(_name, _preset, description=_description, **_kwargs)(build_densenet169)
+    register_model(_name, _preset, description=_description, gradcam_layer="relu", **_kwargs)(build_densenet169)

@@ -363,7 +363,7 @@ def _register(variant: str, se: bool) -> None:
         return build_dpn(num_classes, input_shape, weights, normalization, **kwargs)
 
     builder.__name__ = f"build_{name.replace('-', '_')}"
-    register_model(name, PRESET, description=what, variant=variant, se=se)(builder)
+    register_model(name, PRESET, description=what, gradcam_layer=FEATURE_LAYER, variant=variant, se=se)(builder)
 
 
 for _variant in CONFIGS:

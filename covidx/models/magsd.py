@@ -164,6 +164,7 @@ def attention_view(net: keras.Model) -> keras.Model:
         paper="Li et al., MAG-SD, IEEE JBHI 2021 (arXiv 2012.02278)",
     ),
     description="MA-Net: ResNet50 + multiscale attention + bilinear attention pooling (MAG-SD)",
+    gradcam_layer="conv5_block3_out",
 )
 def mag_sd(num_classes, input_shape, weights=None, normalization="zscore", **kwargs):
     return build_magsd(num_classes, input_shape, weights=weights, normalization=normalization, **kwargs)

@@ -64,6 +64,7 @@ class ModelSpec:
     kind: str = "classifier"  # "classifier", "segmenter" or "cascade"
     description: str = ""
     builder_kwargs: dict = field(default_factory=dict)
+    gradcam_layer: str | None = None  # the last convolutional feature map, named so users need not search
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -74,6 +75,7 @@ def register_model(
     preset: Preset | None = None,
     kind: str = "classifier",
     description: str = "",
+    gradcam_layer: str | None = None,
     **builder_kwargs,
 ):
     """Decorator: register ``builder`` under ``name`` with its paper defaults.
@@ -87,7 +89,7 @@ def register_model(
     def decorator(builder):
         if name in _REGISTRY:
             raise ValueError(f"model name {name!r} registered twice")
-        _REGISTRY[name] = ModelSpec(name, builder, preset, kind, description, dict(builder_kwargs))
+        _REGISTRY[name] = ModelSpec(name, builder, preset, kind, description, dict(builder_kwargs), gradcam_layer)
         return builder
 
     return decorator

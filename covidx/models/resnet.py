@@ -248,4 +248,4 @@ _VARIANTS = {
     "seme-resnet50": (dict(se=True, moex=True), STAGE1_MOEX, "SEME-ResNet50, Cascade-SEME stage 1 (M9/M13)"),
 }
 for _name, (_kwargs, _preset, _description) in _VARIANTS.items():
-    register_model(_name, _preset, description=_description, **_kwargs)(build_resnet50)
+    register_model(_name, _preset, description=_description, gradcam_layer="conv5_block3_out", **_kwargs)(build_resnet50)

@@ -53,7 +53,8 @@ def build_vgg19(
 
 
 register_model(
-    "vgg19-base", STAGE1.replace(image_size=224), head="flatten",
+    "vgg19-base", STAGE1.replace(image_size=224), head="flatten", gradcam_layer="block5_conv4",
     description="Base-VGG19: flatten + FC-4096 x 2 at 224 px (M1)",
 )(build_vgg19)
-register_model("vgg19-gap", STAGE1, description="VGG19 + GAP at 512 px (M4)", head="gap")(build_vgg19)
+register_model("vgg19-gap", STAGE1, description="VGG19 + GAP at 512 px (M4)", head="gap",
+               gradcam_layer="block5_conv4")(build_vgg19)

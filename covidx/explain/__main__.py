@@ -1,0 +1,5 @@
+import sys
+
+from covidx.explain.cli import main
+
+sys.exit(main())

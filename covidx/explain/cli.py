@@ -1,0 +1,195 @@
+"""``python -m covidx.explain``: overlays for any checkpoint, and the helpers ``predict`` and ``evaluate`` use.
+
+``--method gradcam | gradcam++`` (any classifier; the target layer is the model's
+registered ``gradcam_layer`` unless ``--layer`` names one), ``lime`` (SE-DPN Fig. 7:
+positive superpixels red, negative blue) or ``attention`` (MAG-SD: the mean attention
+map, its thresholded localisation mask and box). Overlays are drawn on the image as
+the model saw it (after the run's preprocessing). One PNG per image, and a contact
+sheet for a folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+METHODS = ("gradcam", "gradcam++", "lime", "attention")
+
+
+def model_inputs(run, paths, batch_size=16):
+    """The preprocessed model inputs for ``paths`` (float32 [0, 255]), in order."""
+    from covidx.data import make_dataset
+    from covidx.tasks import TASKS
+
+    table = pd.DataFrame(dict(path=list(paths), label_index=0, mask_path="", lesion_path=""))
+    table["dicom"] = [p.lower().endswith((".dcm", ".dicom")) for p in table["path"]]
+    task = TASKS.get(run.task, TASKS["4class"])
+    ds = make_dataset(table, task, run.preprocess, batch_size=batch_size, cache=False, ignore_errors=False)
+    return np.concatenate([x.numpy() for x, _, _ in ds])
+
+
+def gradcam_layer(run, layer=None):
+    if layer:
+        return layer
+    from covidx.models import get_spec
+
+    try:
+        return get_spec(run.config.get("model", "")).gradcam_layer
+    except ValueError:
+        return None  # a model covidx did not register: GradCAM finds the last 4-D layer itself
+
+
+def gradcam_heatmaps(run, images, method="gradcam", layer=None, class_index=None, batch_size=16):
+    """(heatmaps (N, H, W) in [0, 1], explained class per image)."""
+    from covidx.explain.gradcam import GradCAM
+
+    cam = GradCAM(run.model, gradcam_layer(run, layer), plus_plus=method == "gradcam++")
+    maps, classes = [], []
+    for i in range(0, len(images), batch_size):
+        res = cam.explain(images[i:i + batch_size], class_index=class_index)
+        maps.append(np.asarray(res.heatmaps))
+        classes.append(np.asarray(res.class_indices))
+    return np.concatenate(maps), np.concatenate(classes)
+
+
+def attention_heatmaps(run, images, threshold=0.5):
+    """MAG-SD attention: (maps (N, H, W) in [0, 1], masks, boxes [y0, x0, y1, x1))."""
+    from covidx.models.magsd import attention_view
+    from covidx.training.magsd import localize
+
+    try:
+        view = attention_view(run.model)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"--method attention needs a MAG-SD model (an 'attention_maps' layer): {e}") from None
+    att = view(images, training=False)["attention_maps"]
+    maps, masks, boxes = (np.asarray(t) for t in localize(att, images.shape[1:3], threshold))
+    peak = maps.max(axis=(1, 2), keepdims=True)
+    return maps / np.where(peak > 0, peak, 1.0), masks, boxes
+
+
+def _display(image):
+    return np.clip(image[..., 0] if image.shape[-1] in (1, 3) else image, 0, 255).astype(np.uint8)
+
+
+def write_overlays(run, paths, method, folder, batch_size=16, layer=None, class_index=None,
+                   lime_samples=1000, contact=True) -> list[Path]:
+    """One overlay PNG per image in ``folder`` (plus ``contact_sheet.png`` for several images)."""
+    import cv2
+
+    from covidx.explain.overlay import contact_sheet, overlay_heatmap, save_png
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    images = model_inputs(run, paths, batch_size)
+    names = run.class_names
+    tiles, titles, written, rows = [], [], [], []
+    if method in ("gradcam", "gradcam++"):
+        maps, classes = gradcam_heatmaps(run, images, method, layer, class_index, batch_size)
+        renders = [overlay_heatmap(_display(im), m) for im, m in zip(images, maps)]
+        labels = [names[int(c)] for c in classes]
+    elif method == "attention":
+        maps, masks, boxes = attention_heatmaps(run, images)
+        renders = []
+        for im, m, b in zip(images, maps, boxes):
+            over = overlay_heatmap(_display(im), m)
+            if b[2] > b[0] and b[3] > b[1]:
+                cv2.rectangle(over, (int(b[1]), int(b[0])), (int(b[3]) - 1, int(b[2]) - 1), (0, 255, 0), 1)
+            renders.append(over)
+        probs = np.asarray(run.model(images, training=False))
+        labels = [names[int(k)] for k in probs.argmax(-1)]
+        rows = [dict(path=p, box_y0=int(b[0]), box_x0=int(b[1]), box_y1=int(b[2]), box_x1=int(b[3]),
+                     mask_fraction=float(mk.mean())) for p, b, mk in zip(paths, boxes, masks)]
+    elif method == "lime":
+        from covidx.explain.lime import explain_lime, render_lime
+
+        renders, labels = [], []
+        for p, im in zip(paths, images):
+            res = explain_lime(run.model, im, num_samples=lime_samples, class_index=class_index)
+            renders.append(render_lime(_display(im), res))
+            labels.append(names[int(res.class_index)])
+            rows.append(dict(path=p, class_name=labels[-1], weights=json.dumps({int(k): float(v)
+                                                                               for k, v in res.weights.items()})))
+    else:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    for p, render, label in zip(paths, renders, labels):
+        out = folder / f"{Path(p).stem}_{method.replace('++', 'pp')}.png"
+        save_png(out, render)
+        written.append(out)
+        tiles.append(render)
+        titles.append(f"{Path(p).name}\n{label}")
+    if rows:
+        with open(folder / f"{method}.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    if contact and len(written) > 1:
+        contact_sheet(tiles, titles, folder / "contact_sheet.png")
+    return written
+
+
+def run_audit(run, table: pd.DataFrame, out_dir, threshold=0.5, batch_size=16) -> dict:
+    """Shortcut audit (issue: heatmaps outside the lungs): Grad-CAM of the predicted class vs lung masks."""
+    import cv2
+
+    from covidx.explain.audit import shortcut_audit
+
+    if "mask_path" not in table or (table["mask_path"].astype(str) == "").any():
+        raise ValueError("the shortcut audit needs a lung mask for every image (mask_path; see covidx.data.lung_masks)")
+    images = model_inputs(run, table["path"].tolist(), batch_size)
+    maps, _ = gradcam_heatmaps(run, images, batch_size=batch_size)
+    size = images.shape[1:3]
+    masks = np.stack([cv2.resize((cv2.imread(m, cv2.IMREAD_GRAYSCALE) > 127).astype(np.uint8), size[::-1],
+                                 interpolation=cv2.INTER_NEAREST) for m in table["mask_path"]])
+    if run.preprocess.resize == "crop":
+        raise ValueError("the audit compares full images with their masks: use a stretch-resize model")
+    result = shortcut_audit(maps, masks, table["label_index"].to_numpy().astype(int), run.class_names, threshold)
+    result["median_share"] = {c: v["median_share"] for c, v in result["per_class"].items()}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(dict(path=table["path"], label=table["label"] if "label" in table else "",
+                      share_inside_lungs=result["share"])).to_csv(out / "audit.csv", index=False)
+    (out / "audit.json").write_text(json.dumps({k: v for k, v in result.items() if k != "share"}, indent=2,
+                                               default=lambda v: None))
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m covidx.explain", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="run directory or .keras file")
+    ap.add_argument("--image", required=True, help="an image, a folder or a CSV with a 'path' column")
+    ap.add_argument("--method", default="gradcam", choices=METHODS)
+    ap.add_argument("--out", default="explanations", help="output folder")
+    ap.add_argument("--layer", help="Grad-CAM target layer (default: the model's registered layer)")
+    ap.add_argument("--class", dest="class_name", help="explain this class (default: the predicted one)")
+    ap.add_argument("--lime-samples", type=int, default=1000, help="LIME perturbations per image")
+    ap.add_argument("--batch-size", type=int, default=16)
+    args = ap.parse_args(argv)
+
+    from covidx.predict import list_inputs, readable
+    from covidx.runs import load_run
+
+    try:
+        run = load_run(args.checkpoint)
+        paths, bad = readable(list_inputs(args.image))
+        for p, reason in bad:
+            print(f"skipped {p}: {reason}", file=sys.stderr)
+        if not paths:
+            raise ValueError(f"no readable image in {args.image}")
+        class_index = None
+        if args.class_name:
+            if args.class_name not in run.class_names:
+                raise ValueError(f"unknown class {args.class_name!r}; the model's classes: {run.class_names}")
+            class_index = run.class_names.index(args.class_name)
+        written = write_overlays(run, paths, args.method, args.out, args.batch_size, args.layer, class_index,
+                                 args.lime_samples)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{len(written)} overlays in {args.out}" + (" (+ contact_sheet.png)" if len(written) > 1 else ""))
+    return 0
