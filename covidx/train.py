@@ -47,13 +47,16 @@ class TrainConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     respect_source_split: bool | None = None  # default: True when every source brings a split
+    lung_masks: str | None = None  # lung U-Net run: predict the lung masks images lack (Regional Learning)
     out: str = "runs"
     strategy: str = "default"
     mixed_precision: bool = False
     verify: bool = True
     steps_per_epoch: int | None = None  # cap (quick runs); None = one pass over the training split
     synthetic_patients: int = 60
-    synthetic_size: int = 256
+    synthetic_size: int = 128
+    model_kwargs: dict = field(default_factory=dict)  # builder arguments (ablations, reduced widths)
+    trainer_kwargs: dict = field(default_factory=dict)  # trainer arguments (e.g. MAG-SD augmentations)
     cache: bool = True
     verbose: int = 1
 
@@ -62,7 +65,10 @@ class TrainConfig:
 
 
 # Overrides for the no-argument default run: small enough for a 2-core CPU in < 5 minutes.
-DEFAULT_RUN = dict(image_size=128, epochs=8, batch_size=32)
+DEFAULT_RUN = dict(image_size=96, epochs=10, batch_size=16, synthetic_patients=200)
+# Findings of the default data are drawn at moderate to marked severity (the generator's own default keeps
+# subtle cases down to 0.25), so a short CPU run learns something visible.
+SYNTHETIC_SEVERITY = (0.5, 1.0)
 
 
 def resolve(cfg: TrainConfig):
@@ -70,7 +76,12 @@ def resolve(cfg: TrainConfig):
     from covidx.models import get_spec
     from covidx.tasks import get_task
 
-    preset = get_spec(cfg.model).preset
+    spec = get_spec(cfg.model)
+    if spec.kind == "cascade":
+        from covidx.models.cascade import TRAINING_HINT
+
+        raise ValueError(TRAINING_HINT)
+    preset = spec.preset
     values = cfg.to_dict()
     for k, v in values.items():
         if v is None and hasattr(preset, k):
@@ -83,11 +94,13 @@ def synthetic_default(cfg: TrainConfig) -> Path:
     """Generate (once) the synthetic dataset of the default run; returns its manifest."""
     from covidx.data.synthetic import write_dataset
 
-    root = Path(cfg.out) / "_data" / f"synthetic-p{cfg.synthetic_patients}-s{cfg.synthetic_size}-seed{cfg.seed}"
+    root = (Path(cfg.out) / "_data" /
+            f"synthetic-p{cfg.synthetic_patients}-s{cfg.synthetic_size}-sev{SYNTHETIC_SEVERITY[0]}-seed{cfg.seed}")
     manifest = root / "manifest.csv"
     if not manifest.is_file():
         print(f"generating SYNTHETIC chest X-rays (procedural, not patients) in {root} ...", flush=True)
-        write_dataset(root, n_patients=cfg.synthetic_patients, size=cfg.synthetic_size, seed=cfg.seed)
+        write_dataset(root, n_patients=cfg.synthetic_patients, size=cfg.synthetic_size, seed=cfg.seed,
+                      severity_range=SYNTHETIC_SEVERITY)
     return manifest
 
 
@@ -135,6 +148,10 @@ def prepare_data(cfg: TrainConfig, task, report=None):
     if cfg.verify:
         table = verify_table(table, report, progress=cfg.verbose > 0 and len(table) > 500)
     table = select_task(table, task, report)
+    if cfg.lung_masks:
+        from covidx.data.lung_masks import attach_lung_masks
+
+        table = attach_lung_masks(table, cfg.lung_masks, Path(cfg.out) / "_lung_masks")
     respect = cfg.respect_source_split
     if respect is None:
         respect = bool((table["split"] != "").all())
@@ -203,8 +220,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
 
     with get_strategy(cfg.strategy).scope():
         net = create_model(cfg.model, num_classes=task.num_classes, image_size=pre.image_size,
-                           channels=pre.channels, weights=cfg.weights)
-        trainer = trainer_cls(net)
+                           channels=pre.channels, weights=cfg.weights, **cfg.model_kwargs)
+        trainer = trainer_cls(net, **cfg.trainer_kwargs)
         if task.kind == "segmentation":
             from covidx.training.segmentation import DiceCoefficient, DiceCrossEntropyLoss, IoUScore
 
@@ -268,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--test-fraction", type=float, default=0.2)
     ap.add_argument("--respect-source-split", action=argparse.BooleanOptionalAction, default=None,
                     help="keep a source's own train/val/test split (default: when every source has one)")
+    ap.add_argument("--lung-masks", metavar="LUNG_RUN",
+                    help="a trained lung-unet run: predicts lung masks for images without one (Regional Learning)")
     ap.add_argument("--out", default="runs", help="runs are written to OUT/<model>/<timestamp>/")
     ap.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last epoch")
     ap.add_argument("--strategy", default="default", choices=("default", "mirrored", "multiworker"))
@@ -275,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-verify", dest="verify", action="store_false", help="skip the full decode check of every file")
     ap.add_argument("--steps-per-epoch", type=int, help="cap on steps per epoch (quick runs)")
     ap.add_argument("--synthetic-patients", type=int, default=60, help="patients (all classes) of the synthetic default")
+    ap.add_argument("--model-arg", dest="model_kwargs", action="append", default=[], metavar="KEY=VALUE",
+                    help="builder argument, e.g. width=0.25, pooling=gap, scales=3, se_ratio=8 (repeatable)")
+    ap.add_argument("--trainer-arg", dest="trainer_kwargs", action="append", default=[], metavar="KEY=VALUE",
+                    help="trainer argument, e.g. augmentations=2, regularizer=l2 (repeatable)")
     ap.add_argument("--no-cache", dest="cache", action="store_false")
     ap.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
     return ap
@@ -301,6 +324,20 @@ def list_models_table(names=None) -> str:
     return "\n".join(lines)
 
 
+def parse_key_values(items) -> dict:
+    """``["width=0.25", "pooling=gap", "augmentations=[\"mixup\"]"]`` -> dict (values parsed as JSON when they are)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.list_models:
@@ -310,6 +347,12 @@ def main(argv=None) -> int:
     from covidx.weights import WeightsNotFoundError
 
     given = {k: v for k, v in vars(args).items() if k not in ("list_models", "resume")}
+    try:
+        given["model_kwargs"] = parse_key_values(args.model_kwargs)
+        given["trainer_kwargs"] = parse_key_values(args.trainer_kwargs)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     no_args = argv is not None and len(argv) == 0 or argv is None and len(sys.argv) == 1
     if given["model"] is None:
         given["model"] = DEFAULT_MODEL

@@ -49,12 +49,24 @@ def gradcam_heatmaps(run, images, method="gradcam", layer=None, class_index=None
     """(heatmaps (N, H, W) in [0, 1], explained class per image)."""
     from covidx.explain.gradcam import GradCAM
 
-    cam = GradCAM(run.model, gradcam_layer(run, layer), plus_plus=method == "gradcam++")
+    if run.config.get("model") == "ensemble" and not layer and method == "gradcam":
+        # One heatmap per backbone, combined by each branch's share of the class logit.
+        from covidx.models.ensemble import ensemble_gradcam
+
+        def explain(batch):
+            res = ensemble_gradcam(run.model, batch, class_index)
+            return res.heatmap, res.class_indices
+    else:
+        cam = GradCAM(run.model, gradcam_layer(run, layer), plus_plus=method == "gradcam++")
+
+        def explain(batch):
+            res = cam.explain(batch, class_index=class_index)
+            return res.heatmaps, res.class_indices
     maps, classes = [], []
     for i in range(0, len(images), batch_size):
-        res = cam.explain(images[i:i + batch_size], class_index=class_index)
-        maps.append(np.asarray(res.heatmaps))
-        classes.append(np.asarray(res.class_indices))
+        heat, cls = explain(images[i:i + batch_size])
+        maps.append(np.asarray(heat))
+        classes.append(np.asarray(cls))
     return np.concatenate(maps), np.concatenate(classes)
 
 

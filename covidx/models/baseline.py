@@ -10,8 +10,10 @@ layers are part of one flat graph and Grad-CAM can reach any of them
 from __future__ import annotations
 
 import keras
+import numpy as np
 
 from covidx.layers import ImageNormalization
+from covidx.layers.normalization import IMAGENET_MEAN, IMAGENET_STD
 from covidx.models.registry import Preset, register_model
 from covidx.weights import resolve_weights
 
@@ -23,6 +25,23 @@ APPLICATIONS = {
     "densenet169": (keras.applications.DenseNet169, "imagenet", "relu"),
     "efficientnetb0": (keras.applications.EfficientNetB0, "raw", "top_activation"),
 }
+
+
+def efficientnet_std_fix(x, name: str):
+    """Input scaling that reproduces keras.applications' ImageNet EfficientNet normalisation.
+
+    EfficientNet's ImageNet ``Normalization`` layer stores the RGB standard deviations as
+    its variance, so keras.applications adds ``Rescaling(1 / sqrt(std))`` after it, but only
+    when called with ``weights="imagenet"`` (which would download); with a local file path
+    that layer is missing (tensorflow#49930). The same correction is applied before the
+    backbone instead: with ``y = s x + 255 mean (1 - s)``, ``s = 1 / sqrt(std)`` per channel, the
+    backbone's ``(y / 255 - mean) / sqrt(std)`` equals the intended ``(x / 255 - mean) / std``.
+    """
+    # keras.applications' IMAGENET_STDDEV_RGB and the mean stored in the file are the
+    # usual ImageNet statistics.
+    scale = [float(1.0 / np.sqrt(s)) for s in IMAGENET_STD]
+    offset = [float(255.0 * m * (1.0 - c)) for m, c in zip(IMAGENET_MEAN, scale)]
+    return keras.layers.Rescaling(scale=scale, offset=offset, name=name)(x)
 
 
 def build_application_classifier(
@@ -41,6 +60,8 @@ def build_application_classifier(
         raise ValueError(f"ImageNet weights for {arch} need 3-channel input, got {input_shape[-1]}")
     inputs = keras.Input(input_shape, name="image")
     x = ImageNormalization(normalization or default_norm, name="normalize")(inputs)
+    if arch == "efficientnetb0" and path is not None:
+        x = efficientnet_std_fix(x, "normalize_std")
     backbone = app(include_top=False, weights=path, input_tensor=x)
     if path is None:
         # From scratch, keras.applications' BN momentum (0.999 in MobileNetV2, 0.99 elsewhere) leaves the

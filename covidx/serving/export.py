@@ -71,11 +71,10 @@ def build_archive(run: Run, max_pixels: int = DEFAULT_MAX_PIXELS) -> keras.expor
     return archive
 
 
-def export(checkpoint, out_dir, version: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-           name: str | None = None) -> Path:
-    """Export a run (or ``.keras`` file) to ``out_dir/<name>/<version>/``; returns that version folder."""
-    run = load_run(checkpoint)
-    base = Path(out_dir) / (name or serving_name(run))
+def write_version(archive: keras.export.ExportArchive, out_dir, name: str, version: int | None, meta: dict) -> Path:
+    """Write ``archive`` as ``out_dir/<name>/<version>/`` (next free version when ``None``) with
+    ``meta`` in ``assets.extra/covidx.json``; returns the version folder."""
+    base = Path(out_dir) / name
     base.mkdir(parents=True, exist_ok=True)
     version = version or next_version(base)
     target = base / str(version)
@@ -83,9 +82,17 @@ def export(checkpoint, out_dir, version: int | None = None, max_pixels: int = DE
         raise FileExistsError(f"{target} exists: choose another --version or leave it out to increment")
     tmp = base / f".{version}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    build_archive(run, max_pixels).write_out(str(tmp), verbose=False)
+    archive.write_out(str(tmp), verbose=False)
     extra = tmp / "assets.extra"
     extra.mkdir(exist_ok=True)
-    (extra / "covidx.json").write_text(json.dumps({**run.config, "max_pixels": max_pixels}, indent=2))
+    (extra / "covidx.json").write_text(json.dumps(meta, indent=2))
     tmp.rename(target)  # TF Serving never sees a half-written version
     return target
+
+
+def export(checkpoint, out_dir, version: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+           name: str | None = None) -> Path:
+    """Export a run (or ``.keras`` file) to ``out_dir/<name>/<version>/``; returns that version folder."""
+    run = load_run(checkpoint)
+    return write_version(build_archive(run, max_pixels), out_dir, name or serving_name(run), version,
+                         {**run.config, "max_pixels": max_pixels})

@@ -1,0 +1,132 @@
+"""``python -m covidx.train`` end to end on generated data: a real run, a killed run resumed, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from covidx.data.synthetic import write_dataset
+
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def train(*args, cwd=None, **kw):
+    return subprocess.run([sys.executable, "-m", "covidx.train", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, cwd=cwd, **kw)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    write_dataset(root, n_patients=24, size=64, seed=1)
+    return root
+
+
+def run_dir_of(out: Path) -> Path:
+    runs = sorted(p for p in out.glob("*/*") if (p / "config.json").is_file())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+@pytest.mark.slow
+def test_train_writes_a_complete_run(tmp_path, dataset):
+    # Two sources in their real layouts, as a user would pass them.
+    r = train("--data", dataset / "kermany", "--data", dataset / "cohen", "--image-size", 32, "--epochs", 2,
+              "--batch-size", 8, "--out", tmp_path, "--verbose", 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = run_dir_of(tmp_path)
+    assert f"run finished: {run.resolve()}" in r.stdout
+    for name in ("config.json", "split.csv", "best.keras", "last.keras", "history.csv"):
+        assert (run / name).is_file(), name
+    assert any((run / "tensorboard").rglob("*tfevents*"))
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"] == "baseline-mobilenetv2" and cfg["classes"] == ["covid19", "bacterial", "viral", "normal"]
+    assert cfg["preprocess"]["image_size"] == 32 and cfg["train"]["epochs"] == 2
+    split = pd.read_csv(run / "split.csv", keep_default_na=False)
+    assert split.groupby("patient_id").split.nunique().max() == 1
+    assert set(split.source) == {"kermany", "cohen"}
+    assert len(pd.read_csv(run / "history.csv")) == 2
+    import keras
+
+    model = keras.models.load_model(run / "best.keras", safe_mode=True)
+    assert model.output_shape == (None, 4)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_last_epoch(tmp_path, dataset):
+    args = ["--data", dataset / "manifest.csv", "--image-size", 32, "--epochs", 4, "--batch-size", 8,
+            "--out", tmp_path, "--verbose", 2]
+    proc = subprocess.Popen([sys.executable, "-m", "covidx.train", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+    deadline = time.time() + 600
+    history = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list(tmp_path.glob("*/*/history.csv"))
+        if found and len(found[0].read_text().strip().splitlines()) >= 2:  # header + 1 epoch
+            history = found[0]
+            break
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert history is not None, "the run never finished an epoch"
+    run = history.parent
+    done = len(pd.read_csv(history))
+    assert done < 4
+    r = train("--resume", run, "--verbose", 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    epochs = pd.read_csv(history)["epoch"].tolist()
+    assert epochs[-1] == 3  # zero-based: the fourth epoch was the last one run
+    assert epochs[done] >= done - 1  # resumed near where it stopped, not from epoch 0
+    assert (run / "last.keras").is_file()
+
+
+def test_bad_input_gives_one_clear_error_line(tmp_path, dataset):
+    r = train("--data", tmp_path / "nothing-here", "--out", tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nothing-here'}: no such file or folder"
+    r = train("--model", "resnet9000", "--data", dataset / "manifest.csv", "--out", tmp_path)
+    assert r.returncode == 2 and "unknown model 'resnet9000'" in r.stderr and "Traceback" not in r.stderr
+    r = train("--data", dataset / "manifest.csv", "--layout", "dicomdir", "--out", tmp_path)
+    assert r.returncode != 0 and "dicomdir" in r.stderr
+
+
+def test_imagenet_weights_missing_names_the_file(tmp_path, dataset):
+    env = {**ENV, "COVIDX_WEIGHTS": str(tmp_path / "w"), "KERAS_HOME": str(tmp_path / "k")}
+    r = subprocess.run([sys.executable, "-m", "covidx.train", "--data", str(dataset / "manifest.csv"),
+                        "--weights", "imagenet", "--image-size", "32", "--out", str(tmp_path), "--epochs", "1"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5" in r.stderr
+    assert str(tmp_path / "w") in r.stderr
+
+
+@pytest.mark.slow
+def test_corrupt_images_are_reported_and_skipped(tmp_path, dataset):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset / "kermany", data)
+    files = sorted(data.rglob("*.jpeg"))
+    files[0].write_bytes(b"")
+    files[1].write_bytes(files[1].read_bytes()[:200])
+    r = train("--data", data, "--image-size", 32, "--epochs", 1, "--batch-size", 8, "--out", tmp_path / "runs",
+              "--verbose", 0)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"skipped  {files[0]}: zero-byte file" in r.stdout
+    assert str(files[1]) in r.stdout and "truncated" in r.stdout
+
+
+def test_list_models_shows_task_size_and_parameters():
+    from covidx.train import list_models_table
+
+    text = list_models_table(["baseline-mobilenetv2", "lung-unet"])
+    lines = text.splitlines()
+    assert lines[1].split()[:4] == ["baseline-mobilenetv2", "classifier", "4class", "224x3"]
+    assert lines[1].split()[4] == "2,263,108"
+    assert lines[2].split()[:3] == ["lung-unet", "segmenter", "lungs"]
