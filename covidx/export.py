@@ -1,4 +1,15 @@
-"""``python -m covidx.export --checkpoint RUN_OR_FILE --out DIR [--version N]``: a SavedModel for TF Serving."""
+"""``python -m covidx.export --checkpoint RUN_OR_FILE --out DIR [--version N]``: a SavedModel for TF Serving.
+
+With ``--segmenter SEGMENTER_RUN`` the export is the two-stage system of the
+concatenated-ensemble paper (Hasan et al., Sec. III, Fig. 2): the classifier, then the
+lesion segmenter for images classified COVID-19 or pneumonia
+(:func:`covidx.models.two_stage.export_two_stage`; outputs ``probabilities``,
+``class_index``, ``class_name``, ``mask``, ``segmented``). A cascade folder written by
+``python -m covidx.cascade`` (it holds ``cascade.json``) exports Cascade-SEME as one model
+(:func:`covidx.models.cascade.export_cascade`; outputs ``stage1_probabilities``,
+``stage2_probability`` (-1 when stage 2 was not reached), ``reached_stage2``, ``class_index``,
+``class_name``).
+"""
 
 from __future__ import annotations
 
@@ -7,17 +18,37 @@ import sys
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m covidx.export", description=__doc__)
-    ap.add_argument("--checkpoint", required=True, help="run directory or .keras file")
+    ap = argparse.ArgumentParser(prog="python -m covidx.export", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True,
+                    help="run directory or .keras file (the classifier), or a cascade folder")
+    ap.add_argument("--segmenter", help="lesion segmenter run: export the two-stage classify -> segment system")
     ap.add_argument("--out", required=True, help="model base folder: writes OUT/<model_name>/<version>/")
     ap.add_argument("--version", type=int, help="version number (default: one more than the newest)")
-    ap.add_argument("--name", help="model name for TF Serving (default: the registry name)")
+    ap.add_argument("--name", help="model name for TF Serving (default: the registry name; two_stage with "
+                                   "--segmenter)")
     ap.add_argument("--max-pixels", type=int, default=None, help="reject larger images (InvalidArgument)")
     args = ap.parse_args(argv)
     from covidx.serving.export import DEFAULT_MAX_PIXELS, export
 
+    from pathlib import Path
+
     try:
-        path = export(args.checkpoint, args.out, args.version, args.max_pixels or DEFAULT_MAX_PIXELS, args.name)
+        if (Path(args.checkpoint) / "cascade.json").is_file():
+            from covidx.models.cascade import export_cascade
+
+            path = export_cascade(args.checkpoint, args.out, args.version, args.max_pixels or DEFAULT_MAX_PIXELS,
+                                  name=args.name or "cascade-seme")
+        elif args.segmenter:
+            from covidx.models.two_stage import export_two_stage
+            from covidx.predict import segmented_classes
+            from covidx.runs import load_run
+
+            classifier = load_run(args.checkpoint)
+            path = export_two_stage(classifier, args.segmenter, args.out, name=args.name or "two_stage",
+                                    version=args.version, segment_classes=segmented_classes(classifier.class_names),
+                                    max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
+        else:
+            path = export(args.checkpoint, args.out, args.version, args.max_pixels or DEFAULT_MAX_PIXELS, args.name)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -238,6 +238,24 @@ def test_save_load_roundtrip_and_export_match_python(tmp_path):
     np.testing.assert_array_equal(out["reached_stage2"].numpy(), want.reached_stage2)
     np.testing.assert_allclose(out["stage2_probability"].numpy(), want.stage2_probability, atol=1e-5)
     assert (out["stage2_probability"].numpy()[~want.reached_stage2] == -1.0).all()
+    # the export CLI recognises a cascade folder
+    from covidx.export import main as export_main
+
+    assert export_main(["--checkpoint", str(tmp_path / "cascade"), "--out", str(tmp_path / "exports"),
+                        "--version", "5"]) == 0
+    assert (tmp_path / "exports" / "cascade-seme" / "5" / "saved_model.pb").is_file()
+    # predict CLI on the cascade folder and on its export: the same final labels
+    import pandas as pd
+
+    from covidx.predict import main as predict_main
+
+    folder = tmp_path / "img"
+    sources = ((tmp_path / "cascade", tmp_path / "a.csv"), (tmp_path / "exports" / "cascade-seme", tmp_path / "b.csv"))
+    for source, csv in sources:
+        assert predict_main([str(folder), "--checkpoint", str(source), "--out", str(csv)]) == 0
+        df = pd.read_csv(csv).set_index("path").loc[[str(p) for p in paths]]
+        assert list(df["label"]) == list(want.class_name)
+        np.testing.assert_array_equal(df["reached_stage2"].to_numpy().astype(bool), want.reached_stage2)
     assert out["class_index"].dtype == tf.int64
     np.testing.assert_array_equal(out["class_index"].numpy(), want.class_index)
     assert [c.decode() for c in out["class_name"].numpy()] == want.class_name

@@ -9,6 +9,9 @@ Signatures:
 ``predict_tensor``   ``images``: float32 ``[None, S, S, C]`` pixels in [0, 255], already preprocessed.
                      Same outputs.
 
+Segmenters (lung U-Net, FC-DenseNet103) return ``probabilities`` ``[None, S, S, K]`` and ``mask``
+uint8 ``[None, S, S]`` (the per-pixel class) instead.
+
 Bad requests (not PNG/JPEG, an empty batch, an image over ``max_pixels``) fail with
 ``InvalidArgument`` and a message saying which; nothing crashes or hangs. The run's
 ``config.json`` goes to ``assets.extra/covidx.json`` (TF Serving ignores that folder).
@@ -45,11 +48,15 @@ def build_archive(run: Run, max_pixels: int = DEFAULT_MAX_PIXELS) -> keras.expor
     classes = tf.constant(run.class_names)
     size, channels = config.image_size, config.channels
 
+    segmenter = len(model.outputs[0].shape) == 4
+
     def outputs(images):
         probs = model(images, training=False)
         probs = probs[0] if isinstance(probs, (list, tuple)) else probs
         probs = tf.cast(probs, tf.float32)
         index = tf.argmax(probs, axis=-1)
+        if segmenter:  # per-pixel softmax: the class map is the answer
+            return {"probabilities": probs, "mask": tf.cast(index, tf.uint8)}
         return {"probabilities": probs, "class_index": index, "class_name": tf.gather(classes, index)}
 
     def serving_default(image_bytes):
