@@ -56,6 +56,7 @@ class TrainConfig:
     synthetic_patients: int = 60
     synthetic_size: int = 128
     model_kwargs: dict = field(default_factory=dict)  # builder arguments (ablations, reduced widths)
+    trainer: str | None = None  # override the preset's train step (e.g. "moex" instead of "regional": ablations)
     trainer_kwargs: dict = field(default_factory=dict)  # trainer arguments (e.g. MAG-SD augmentations)
     cache: bool = True
     verbose: int = 1
@@ -196,7 +197,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
 
     pre = PreprocessConfig.from_preset(preset, image_size=cfg.image_size, channels=cfg.channels,
                                        augment=cfg.augment, clahe_prob=cfg.clahe_prob)
-    trainer_cls = get_trainer(preset.trainer)
+    trainer_cls = get_trainer(cfg.trainer)
     lung = "lung_mask" in trainer_cls.needs
     cw = None
     if cfg.class_weights and task.kind == "classification":
@@ -235,7 +236,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
 
     config = {
         "model": cfg.model, "task": task.name, "classes": list(task.classes), "kind": task.kind,
-        "preprocess": pre.to_dict(), "train": cfg.to_dict(), "trainer": preset.trainer,
+        "preprocess": pre.to_dict(), "train": cfg.to_dict(), "trainer": cfg.trainer,
         "respect_source_split": respect, "class_weights": None if cw is None else [float(w) for w in cw],
         "parameters": int(net.count_params()), "paper": preset.paper,
         "versions": {"covidx": __import__("covidx").__version__, "tensorflow": tf.__version__, "keras": keras.__version__},
@@ -296,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--synthetic-patients", type=int, default=60, help="patients (all classes) of the synthetic default")
     ap.add_argument("--model-arg", dest="model_kwargs", action="append", default=[], metavar="KEY=VALUE",
                     help="builder argument, e.g. width=0.25, pooling=gap, scales=3, se_ratio=8 (repeatable)")
+    ap.add_argument("--trainer", help="train step, overriding the preset's (standard, moex, regional, magsd)")
     ap.add_argument("--trainer-arg", dest="trainer_kwargs", action="append", default=[], metavar="KEY=VALUE",
                     help="trainer argument, e.g. augmentations=2, regularizer=l2 (repeatable)")
     ap.add_argument("--no-cache", dest="cache", action="store_false")

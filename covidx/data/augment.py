@@ -93,6 +93,7 @@ def augment_image(image, masks, spec: AugmentSpec, seed):
     """
     seed = tf.cast(seed, tf.int64)
     p = spec.apply_prob
+    has_masks = masks.shape[-1] != 0  # a (H, W, 0) tensor: nothing to keep aligned
     size = tf.shape(image)[:2]
     h, w = tf.cast(size[0], tf.float32), tf.cast(size[1], tf.float32)
 
@@ -106,8 +107,9 @@ def augment_image(image, masks, spec: AugmentSpec, seed):
         x0 = _u(seed, 4, 0.0, 1.0) * (1.0 - cw)
         box = tf.where(_coin(seed, 5, p), tf.stack([y0, x0, y0 + ch, x0 + cw]), tf.constant([0.0, 0.0, 1.0, 1.0]))
         image = tf.image.crop_and_resize(image[None], box[None], [0], size)[0]
-        masks = tf.cast(tf.image.crop_and_resize(tf.cast(masks, tf.float32)[None], box[None], [0], size,
-                                                 method="nearest")[0], masks.dtype)
+        if has_masks:
+            masks = tf.cast(tf.image.crop_and_resize(tf.cast(masks, tf.float32)[None], box[None], [0], size,
+                                                     method="nearest")[0], masks.dtype)
 
     angle = tf.constant(0.0)
     if spec.rotation:
@@ -125,7 +127,8 @@ def augment_image(image, masks, spec: AugmentSpec, seed):
     if spec.rotation or spec.zoom != (1.0, 1.0) or spec.translate or spec.hflip or spec.vflip:
         m = _affine_matrix(h, w, angle, scale, tx, ty, hflip, vflip)
         image = _transform(image, m, "BILINEAR")
-        masks = tf.cast(_transform(tf.cast(masks, tf.float32), m, "NEAREST"), masks.dtype)
+        if has_masks:
+            masks = tf.cast(_transform(tf.cast(masks, tf.float32), m, "NEAREST"), masks.dtype)
 
     if spec.brightness is not None:
         image = image * tf.where(_coin(seed, 15, p), _u(seed, 16, *spec.brightness), 1.0)

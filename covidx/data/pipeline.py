@@ -35,15 +35,15 @@ def balanced_class_weights(labels, num_classes: int) -> np.ndarray:
     return w
 
 
-def _read_mask_tf(path, like):
-    """Mask file -> uint8 (H, W, 1) in {0, 1} at the image's size; empty string -> all zeros."""
+def _read_mask_tf(path, hw):
+    """Mask file -> uint8 (h, w, 1) in {0, 1} at ``hw`` (the resized image's size; nearest neighbour, so a
+    mask the size of its image lands exactly where the image's pixels do); empty string -> all zeros."""
     def read():
         m = decode_tf(path, tf.constant(False))
-        m = tf.cast(m > 127.0, tf.float32)
-        m = tf.image.resize(m, tf.shape(like)[:2], method="nearest")
+        m = tf.image.resize(tf.cast(m > 127.0, tf.uint8), hw, method="nearest")
         return tf.cast(m, tf.uint8)
 
-    return tf.cond(tf.strings.length(path) > 0, read, lambda: tf.zeros_like(like, tf.uint8))
+    return tf.cond(tf.strings.length(path) > 0, read, lambda: tf.zeros(tf.concat([hw, [1]], 0), tf.uint8))
 
 
 def make_dataset(
@@ -85,16 +85,20 @@ def make_dataset(
         missing = [p for p, m in zip(paths, lung) if not m][:3]
         raise ValueError(f"Regional Learning needs a lung mask for every image; missing for e.g. {missing}")
 
+    with_masks = segmentation or lung_masks
+    n_masks = 2 if with_masks else 0
     ds = tf.data.Dataset.from_tensor_slices(
         {"index": np.arange(len(paths), dtype=np.int64), "path": paths, "dicom": dicom, "label": labels,
          "target": target_masks, "lung": lung}
     )
 
     def load(e):
-        img = decode_tf(e["path"], e["dicom"])
-        masks = tf.concat([_read_mask_tf(e["target"], img), _read_mask_tf(e["lung"], img)], axis=-1)
-        img = resize_tf(img, size, config.resize)
-        masks = tf.cast(resize_tf(masks, size, config.resize, method="nearest"), tf.uint8)
+        img = resize_tf(decode_tf(e["path"], e["dicom"]), size, config.resize)
+        hw = tf.shape(img)[:2]
+        if with_masks:
+            masks = tf.concat([_read_mask_tf(e["target"], hw), _read_mask_tf(e["lung"], hw)], axis=-1)
+        else:  # classification without Regional Learning: no mask work at all
+            masks = tf.zeros(tf.concat([hw, [0]], 0), tf.uint8)
         img = tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
         return {"index": e["index"], "image": img, "masks": masks, "label": e["label"]}
 
@@ -126,7 +130,7 @@ def make_dataset(
         if training:
             img, masks = augment_image(img, masks, spec, tf.random.experimental.stateless_fold_in(seed_i, 303))
         img = tf.ensure_shape(to_channels(img, config.channels), [size, size, config.channels])
-        masks = tf.ensure_shape(masks, [size, size, 2])
+        masks = tf.ensure_shape(masks, [size, size, n_masks])
         if segmentation:
             y = tf.cast(masks[..., 0], tf.int32)
         else:

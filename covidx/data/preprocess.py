@@ -69,7 +69,12 @@ def clahe_opencv_tf(image_uint8, clip: float, grid: int):
 
 
 def resize_tf(image, size: int, mode: str, method="bilinear"):
-    """Resize (H, W, C): ``stretch`` to size x size, or ``crop`` mode's short side to ``size`` (aspect kept)."""
+    """Resize (H, W, C): ``stretch`` to size x size, or ``crop`` mode's short side to ``size`` (aspect kept).
+
+    Shrinking uses area averaging (OpenCV's INTER_AREA; radiographs are usually 5-10x the model
+    input and plain bilinear sampling would alias) and enlarging bilinear interpolation; masks
+    pass ``method="nearest"``.
+    """
     if mode == "stretch":
         target = tf.constant([size, size])
     else:
@@ -78,7 +83,9 @@ def resize_tf(image, size: int, mode: str, method="bilinear"):
         target = tf.maximum(target, size)
     if method == "nearest":
         return tf.image.resize(image, target, method="nearest")
-    return tf.image.resize(image, target, method=method, antialias=True)
+    shrink = tf.reduce_all(tf.shape(image)[:2] >= target)
+    return tf.cond(shrink, lambda: tf.image.resize(image, target, method="area"),
+                   lambda: tf.image.resize(image, target, method=method))
 
 
 def crop_tf(stacked, size: int, seed=None):

@@ -46,6 +46,7 @@ from covidx.layers import SqueezeExcite
 from covidx.models.registry import register_model
 from covidx.models.resnet import (
     BN_EPSILON,
+    BN_MOMENTUM,
     KERNEL_INIT,
     NORMALIZATION,
     STAGE2,
@@ -58,7 +59,7 @@ from covidx.models.resnet import (
 
 
 def _bn_relu(x, name: str):
-    x = keras.layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{name}_bn")(x)
+    x = keras.layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
     return keras.layers.Activation("relu", name=f"{name}_relu")(x)
 
 
@@ -130,7 +131,7 @@ def build_densenet169(
         x = dense_block(x, n_layers, growth_rate, bn_size, se, se_ratio, f"conv{i + 2}")
         if i < len(blocks) - 1:
             x = transition(x, compression, f"pool{i + 2}")
-    x = keras.layers.BatchNormalization(epsilon=BN_EPSILON, name="bn")(x)
+    x = keras.layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name="bn")(x)
     x = keras.layers.Activation("relu", name="relu")(x)
     outputs = classifier_head(x, num_classes, head)
     default = ("seme" if moex else "se") if se else ("moex" if moex else head)

@@ -52,6 +52,10 @@ from covidx.weights import resolve_weights
 
 KERNEL_INIT = "he_uniform"  # paper §5.A: W ~ U(-sqrt(6/n_in), sqrt(6/n_in))
 BN_EPSILON = 1.001e-5  # keras.applications ResNet / DenseNet
+# Moving-average momentum of BN statistics: PyTorch's 0.1 (the official MoEx code, and what these from-scratch
+# models were trained with) is Keras' 0.9; Keras' own 0.99 leaves the statistics near their initial values for
+# the first few hundred steps, so short runs evaluate a different network than they trained.
+BN_MOMENTUM = 0.9
 NORMALIZATION = "unit"  # see module docstring
 HEADS = ("gap", "flatten")
 
@@ -172,7 +176,7 @@ def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, relu: bool):
         filters, kernel, strides=stride, padding="same" if kernel > 1 else "valid",
         kernel_initializer=KERNEL_INIT, name=f"{name}_conv",
     )(x)
-    x = keras.layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{name}_bn")(x)
+    x = keras.layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
     return keras.layers.Activation("relu", name=f"{name}_relu")(x) if relu else x
 
 
@@ -221,7 +225,7 @@ def build_resnet50(
     inputs, x = normalized_input(input_shape, normalization)
     x = keras.layers.ZeroPadding2D(3, name="conv1_pad")(x)
     x = keras.layers.Conv2D(base_width, 7, strides=2, kernel_initializer=KERNEL_INIT, name="conv1_conv")(x)
-    x = keras.layers.BatchNormalization(epsilon=BN_EPSILON, name="conv1_bn")(x)
+    x = keras.layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name="conv1_bn")(x)
     x = keras.layers.Activation("relu", name="conv1_relu")(x)
     x = keras.layers.ZeroPadding2D(1, name="pool1_pad")(x)
     x = keras.layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
