@@ -164,3 +164,17 @@ def test_load_sources_concatenates_and_drops_duplicates(tmp_path):
     assert not table.path.duplicated().any()
     assert sum("duplicate" in r for _, r in report.skipped) == 6
     assert isinstance(table, pd.DataFrame) and "dicom" in table.columns
+
+
+def test_data_cli_prints_counts_skips_and_unmapped_rows(tmp_path, capsys):
+    from covidx.data.__main__ import main
+
+    k = make_kermany(tmp_path / "k")
+    c = make_cohen(tmp_path / "c")
+    assert main([str(k), str(c), "--task", "4class"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("11 images")  # 6 Kermany + 5 Cohen images that 4class uses
+    assert "covid19" in out and "bacterial" in out and "train" in out
+    assert "zero-byte file" in out and "view 'L'" in out and "'pneumonia' is not part of task 4class" in out
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
