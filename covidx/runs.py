@@ -108,7 +108,7 @@ def predict_table(run: Run, table: pd.DataFrame, batch_size: int = 16, progress:
         ds = tqdm(ds, total=-(-len(table) // batch_size), desc="predicting", unit="batch")
     outs, ys = [], []
     for x, y, _ in ds:
-        out = run.model(x, training=False)
+        out = run.model.predict_on_batch(x)  # a compiled function: eager calls re-trace grouped convs
         out = out[0] if isinstance(out, (list, tuple)) else out
         outs.append(np.asarray(out, dtype=np.float32))
         ys.append(np.asarray(y))

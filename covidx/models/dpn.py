@@ -300,6 +300,7 @@ def build_dpn(
     se: bool = False,
     se_ratio: int = SE_RATIO,
     width: float = 1.0,
+    k_sec: Sequence[int] | None = None,
     config: DPNConfig | None = None,
     include_top: bool = True,
     pooling: str | None = "avg",
@@ -316,11 +317,15 @@ def build_dpn(
         variant: "dpn68", "dpn92", "dpn98" or "dpn131".
         se: add SqueezeExcite (ratio ``se_ratio``) to every block (SE-DPN).
         width: multiply all widths (reduced copies for tests; 1.0 = the paper model).
+        k_sec: blocks per stage, overriding the variant's (reduced copies, e.g. ``(1, 1, 2, 1)``).
         config: an explicit :class:`DPNConfig` (overrides ``variant``).
         include_top: add GAP + Dense softmax; otherwise return features.
         pooling: without top, "avg" gives the GAP vector, ``None`` the feature map.
     """
-    config = (config or dpn_config(variant)).scaled(width)
+    config = config or dpn_config(variant)
+    if k_sec is not None:
+        config = dataclasses.replace(config, k_sec=tuple(k_sec))
+    config = config.scaled(width)
     path = resolve_weights(config.name, weights)  # fail before building if weights are missing
     inputs = keras.Input(tuple(input_shape), name="image")
     x = ImageNormalization(normalization, name="normalize")(inputs)
