@@ -363,33 +363,50 @@ def _as_batch(images, model: keras.Model) -> np.ndarray:
     return x
 
 
-def _resolve_classes(class_index, probabilities: np.ndarray) -> np.ndarray:
-    n, k = probabilities.shape
+def _requested_classes(class_index, n: int, k: int) -> np.ndarray:
+    """Per-image class to explain; -1 means the predicted class (resolved inside the graph)."""
     if class_index is None:
-        classes = probabilities.argmax(axis=-1)
-    else:
-        classes = np.broadcast_to(np.asarray(class_index, np.int64), (n,)).copy()
+        return np.full((n,), -1, np.int32)
+    classes = np.broadcast_to(np.asarray(class_index, np.int64), (n,)).astype(np.int32)
     if classes.min() < 0 or classes.max() >= k:
         raise ValueError(f"class index {class_index} out of range for {k} classes")
-    return classes.astype(np.int64)
+    return classes
+
+
+def _gradient_step(runner: _FeatureRunner):
+    """The forward pass and the gradients of the class scores as one compiled function (cached per runner).
+
+    Eager calls would re-trace every grouped convolution (DPN) on each batch; one tf.function keeps
+    Grad-CAM batched and fast.
+    """
+    if getattr(runner, "_step", None) is None:
+        @tf.function(reduce_retracing=True)
+        def step(x, requested):
+            with tf.GradientTape() as tape:
+                # Watch the input: a frozen (non-trainable) model has no watched variables.
+                tape.watch(x)
+                features, head_input, output = runner(x)
+                predicted = tf.argmax(output, axis=-1, output_type=tf.int32)
+                classes = tf.where(requested >= 0, requested, predicted)
+                scores = runner.class_scores(head_input, output)
+                # Summing over the batch keeps per-image gradients separate (no cross-image terms at inference).
+                score = tf.reduce_sum(tf.gather(scores, classes, batch_dims=1))
+            return features, tape.gradient(score, features), output, classes
+
+        runner._step = step
+    return runner._step
 
 
 def _run_gradcam(runner: _FeatureRunner, images, class_index, plus_plus: bool):
     """One tape over the whole batch -> ([(cams_layer)], classes, probabilities)."""
     x = tf.convert_to_tensor(_as_batch(images, runner.model))
-    with tf.GradientTape() as tape:
-        # Watch the input: a frozen (non-trainable) model has no watched variables.
-        tape.watch(x)
-        features, head_input, output = runner(x)
-        probabilities = np.asarray(output, np.float32)
-        classes = _resolve_classes(class_index, probabilities)
-        scores = runner.class_scores(head_input, output)
-        # Summing over the batch keeps per-image gradients separate (no cross-image terms at inference).
-        score = tf.reduce_sum(tf.gather(scores, classes, batch_dims=1))
-    gradients = tape.gradient(score, features)
+    k = int(runner.model.outputs[0].shape[-1])
+    requested = tf.constant(_requested_classes(class_index, int(x.shape[0]), k))
+    features, gradients, output, classes = _gradient_step(runner)(x, requested)
     size = tuple(x.shape[1:3])
     cams = [_cams(np.asarray(f), np.asarray(g), plus_plus) for f, g in zip(features, gradients)]
-    return [(upsample(c, size), c) for c in cams], classes, probabilities
+    return ([(upsample(c, size), c) for c in cams], np.asarray(classes).astype(np.int64),
+            np.asarray(output, np.float32))
 
 
 class GradCAM:

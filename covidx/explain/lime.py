@@ -213,7 +213,6 @@ def explain_lime(
         top_labels=1 if class_index is None else None,
         hide_color=hide_color,
         num_features=10**6,  # keep every superpixel's weight
-        progress_bar=False,
         num_samples=num_samples,
         batch_size=batch_size,
         segmentation_fn=segment_fn,
