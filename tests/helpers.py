@@ -51,3 +51,17 @@ def make_run(root, net=None, size=32, channels=1, resize="stretch", clahe_infere
     (root / "config.json").write_text(json.dumps({"model": model, "task": task, "classes": list(classes),
                                                   "kind": "classification", "preprocess": pre.to_dict()}))
     return root, net, pre
+
+
+def blobs(n, size, seed=0):
+    """Noisy images with one bright disc each and the disc as the class-1 mask."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    images, masks = [], []
+    for _ in range(n):
+        cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
+        r = rng.integers(size // 8, size // 4)
+        mask = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r).astype("int32")
+        images.append(np.clip(60 + 140 * mask + rng.normal(0, 20, mask.shape), 0, 255))
+        masks.append(mask)
+    return np.stack(images)[..., None].astype("float32"), np.stack(masks)

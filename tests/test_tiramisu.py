@@ -7,26 +7,13 @@ import pytest
 from covidx.models import tiramisu
 from covidx.models.registry import create_model, get_spec
 from covidx.training.segmentation import DiceCoefficient, DiceCrossEntropyLoss
+from tests.helpers import blobs
 
 
 def _param_counts(model):
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     frozen = sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)
     return trainable, frozen
-
-
-def _blobs(n, size, seed=0):
-    """Noisy images with one bright disc each and the disc as the class-1 mask."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    images, masks = [], []
-    for _ in range(n):
-        cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
-        r = rng.integers(size // 8, size // 4)
-        mask = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r).astype("int32")
-        images.append(np.clip(60 + 140 * mask + rng.normal(0, 20, mask.shape), 0, 255))
-        masks.append(mask)
-    return np.stack(images)[..., None].astype("float32"), np.stack(masks)
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +152,7 @@ def _tiny_fcd(size=32):
 
 @pytest.mark.slow
 def test_training_lowers_loss():
-    x, y = _blobs(8, 32)
+    x, y = blobs(8, 32)
     model = _tiny_fcd()
     model.compile(
         keras.optimizers.Adam(3e-3), loss=DiceCrossEntropyLoss(), metrics=[DiceCoefficient()], jit_compile=False
@@ -177,7 +164,7 @@ def test_training_lowers_loss():
 
 def test_save_reload_safe_mode(tmp_path):
     model = _tiny_fcd()
-    x, _ = _blobs(2, 32, seed=3)
+    x, _ = blobs(2, 32, seed=3)
     # Move BN statistics away from their initial values so the check covers them.
     for w in model.non_trainable_weights:
         w.assign(np.random.uniform(0.5, 1.5, w.shape).astype("float32"))

@@ -7,6 +7,7 @@ import pytest
 from covidx.models import unet
 from covidx.models.registry import create_model, get_spec
 from covidx.training.segmentation import DiceCrossEntropyLoss, IoUScore
+from tests.helpers import blobs
 
 
 def _param_counts(model):
@@ -85,23 +86,9 @@ def test_registered_preset():
     assert model.input_shape == (None, 32, 32, 1) and model.output_shape == (None, 32, 32, 2)
 
 
-def _blobs(n, size, seed=0):
-    """Noisy images with one bright disc each and the disc as the class-1 mask."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    images, masks = [], []
-    for _ in range(n):
-        cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
-        r = rng.integers(size // 8, size // 4)
-        mask = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r).astype("int32")
-        images.append(np.clip(60 + 140 * mask + rng.normal(0, 20, mask.shape), 0, 255))
-        masks.append(mask)
-    return np.stack(images)[..., None].astype("float32"), np.stack(masks)
-
-
 @pytest.mark.slow
 def test_training_lowers_loss():
-    x, y = _blobs(8, 32)
+    x, y = blobs(8, 32)
     model = unet.build_unet(2, (32, 32, 1), base_filters=8, depth=2)
     model.compile(
         keras.optimizers.Adam(3e-3), loss=DiceCrossEntropyLoss(), metrics=[IoUScore()], jit_compile=False
@@ -115,7 +102,7 @@ def test_save_reload_safe_mode(tmp_path):
     model = unet.build_unet(2, (32, 32, 1), base_filters=4, depth=2)
     for w in model.non_trainable_weights:  # non-trivial BN statistics
         w.assign(np.random.uniform(0.5, 1.5, w.shape).astype("float32"))
-    x, _ = _blobs(2, 32, seed=5)
+    x, _ = blobs(2, 32, seed=5)
     # Compiled with the covidx loss and metrics, which must reload by their registered names.
     model.compile("adam", loss=DiceCrossEntropyLoss(ce_weight=0.5), metrics=[IoUScore(class_ids=(0, 1))])
     model.optimizer.build(model.trainable_variables)  # saved optimizer state matches on reload
