@@ -39,6 +39,23 @@ def rate(model, size, channels=3, batch=8, repeats=5) -> float:
     return batch / float(np.median(times))
 
 
+def rates_interleaved(models, size, channels=3, batch=8, repeats=5, rounds=3) -> list[float]:
+    """images/s of each model, timed in alternation (A B A B ...) so that a load change on the machine hits
+    every model alike; median over ``rounds * repeats`` batches each."""
+    x = tf.constant(np.random.default_rng(0).uniform(0, 255, (batch, size, size, channels)).astype("float32"))
+    fns = [tf.function(lambda t, m=m: m(t, training=False), jit_compile=False) for m in models]
+    for fn in fns:
+        fn(x).numpy()  # trace + warm-up
+    times = [[] for _ in models]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn(x).numpy()
+                times[i].append(time.perf_counter() - t0)
+    return [batch / float(np.median(t)) for t in times]
+
+
 def app(name, size):
     inp = keras.Input((size, size, 3))
     base = getattr(keras.applications, name)(include_top=False, weights=None, input_tensor=inp, pooling="avg")
@@ -54,18 +71,19 @@ def bench_seme(args):
     from covidx.models import create_model
 
     for size in (224, 512):
-        print(f"Cascade-SEME at {size}x{size}, batch {args.batch}:")
-        r = rate(app("ResNet50", size), size, batch=args.batch, repeats=args.repeats)
-        line("keras.applications ResNet50", r)
-        line("SEME-ResNet50 (SE + MoEx, MoEx idle at inference)",
-             rate(create_model("seme-resnet50", image_size=size, channels=3), size, batch=args.batch,
-                  repeats=args.repeats), r, "ResNet50")
-        keras.backend.clear_session()
-        d = rate(app("DenseNet169", size), size, batch=args.batch, repeats=args.repeats)
-        line("keras.applications DenseNet169", d)
-        line("SEME-DenseNet169", rate(create_model("seme-densenet169", image_size=size, channels=3), size,
-                                      batch=args.batch, repeats=args.repeats), d, "DenseNet169")
-        keras.backend.clear_session()
+        print(f"Cascade-SEME at {size}x{size}, batch {args.batch} (timed in alternation):")
+        for family, app_name, gap_name, seme_name in (("ResNet50", "ResNet50", "resnet50-gap", "seme-resnet50"),
+                                                      ("DenseNet169", "DenseNet169", "densenet169-gap",
+                                                       "seme-densenet169")):
+            models = [app(app_name, size), create_model(gap_name, image_size=size, channels=3),
+                      create_model(seme_name, image_size=size, channels=3)]
+            plain, gap, seme = rates_interleaved(models, size, batch=args.batch, repeats=args.repeats)
+            line(f"keras.applications {family}", plain)
+            line(f"{gap_name} (covidx, no SE / MoEx)", gap, plain, family)
+            line(f"{seme_name} (SE + MoEx, MoEx idle at inference)", seme, plain, family)
+            line(f"  ... the same vs {gap_name}", seme, gap, gap_name)
+            del models
+            keras.backend.clear_session()
 
 
 def bench_dpn(args):

@@ -6,7 +6,8 @@ in its run directory). Classifiers get the papers' report (``metrics.json``,
 segmenters a Dice/IoU report. With several checkpoints, every pair is compared
 (F-test, McNemar, DeLong) on the cases they share, with overlaid ROC curves.
 ``--audit`` adds the shortcut audit: the share of Grad-CAM energy inside the lung
-mask, per image and per class, flagged when a class's median share is low.
+mask, per image and per class, flagged when a class's median share is not above its
+chance level (the lung-area fraction); see :mod:`covidx.explain.audit`.
 """
 
 from __future__ import annotations
@@ -45,10 +46,12 @@ def evaluation_table(run, data=None, layouts=None, split: str | None = "test") -
 
 
 def evaluate_run(run, table: pd.DataFrame, out_dir: Path, n_bootstrap: int = 1000, batch_size: int = 16) -> dict:
+    """A run's report on ``table``; a Regional-Learning run is scored on the lung region when every row
+    has a lung mask (:func:`covidx.runs.lung_region_input`), the input the cascade gives it."""
     from covidx.evaluation import write_classification_report, write_segmentation_report
-    from covidx.runs import predict_table
+    from covidx.runs import lung_region_input, predict_table
 
-    probs, targets = predict_table(run, table, batch_size)
+    probs, targets = predict_table(run, table, batch_size, lung_region=lung_region_input(run, table))
     name = run.config.get("model", run.model.name)
     if run.config.get("kind") == "segmentation" or probs.ndim == 4:
         pred = probs.argmax(-1)
@@ -68,12 +71,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="output folder (default: RUN/eval, or evaluation-<time> for several runs)")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     ap.add_argument("--audit", action="store_true", help="shortcut audit: Grad-CAM energy inside the lung masks")
-    ap.add_argument("--audit-threshold", type=float, default=0.5, help="flag classes whose median share is below")
+    ap.add_argument("--audit-min-enrichment", type=float, default=1.0,
+                    help="flag classes whose median (share inside lungs / lung-area fraction) is below this")
+    ap.add_argument("--audit-input", default="auto", choices=("auto", "full", "lung-region"),
+                    help="explain full images or their lung region (auto: the lung region for Regional-Learning runs)")
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args(argv)
 
     from covidx.data.sources import DatasetError
-    from covidx.runs import load_run
+    from covidx.runs import load_run, lung_region_input
 
     several = len(args.checkpoint) > 1
     out_root = Path(args.out) if args.out else None
@@ -90,6 +96,11 @@ def main(argv=None) -> int:
             m = evaluate_run(run, table, out, args.bootstrap, args.batch_size)
             summaries[key] = m
             print(f"{key}: {len(table)} images -> {out}")
+            if run.regional:
+                print("  Regional-Learning run: " + ("scored on the lung region X_T = X_O * M (its cascade input)"
+                                                     if lung_region_input(run, table) else
+                                                     "scored on full images (no lung mask for every image; "
+                                                     "python -m covidx.train --lung-masks attaches them)"))
             if "accuracy" in m:
                 print(f"  accuracy {m['accuracy']:.4f}" + "".join(
                     f"  {c}: sens {v['sensitivity']:.3f} spec {v['specificity']:.3f}"
@@ -100,9 +111,12 @@ def main(argv=None) -> int:
             if args.audit:
                 from covidx.explain.cli import run_audit
 
-                audit = run_audit(run, table, out, threshold=args.audit_threshold, batch_size=args.batch_size)
-                print(f"  shortcut audit: median share inside lungs per class "
-                      f"{ {c: round(v, 3) for c, v in audit['median_share'].items()} }; flagged: {audit['flagged'] or 'none'}")
+                audit = run_audit(run, table, out, min_enrichment=args.audit_min_enrichment, batch_size=args.batch_size,
+                                  audit_input=args.audit_input)
+                summary = {c: f"{v['median_share']:.3f} ({v['median_enrichment']:.2f}x chance)"
+                           for c, v in audit["per_class"].items() if v["n"]}
+                print(f"  shortcut audit on the {audit['input']} images: median share of Grad-CAM inside the lungs "
+                      f"{summary}; flagged: {audit['flagged'] or 'none'}")
         if several and len(results) > 1:
             compare(results, out_root, args.batch_size)
     except (DatasetError, FileNotFoundError, ValueError) as e:
@@ -114,7 +128,7 @@ def main(argv=None) -> int:
 def compare(results: dict, out_root: Path, batch_size: int = 16):
     """Pairwise comparison on the cases every run was evaluated on."""
     from covidx.evaluation import write_comparison_report
-    from covidx.runs import predict_table
+    from covidx.runs import lung_region_input, predict_table
 
     common = set.intersection(*(set(t["path"]) for _, t in results.values()))
     classes = {tuple(r.class_names) for r, _ in results.values()}
@@ -127,7 +141,7 @@ def compare(results: dict, out_root: Path, batch_size: int = 16):
     paired = {}
     for key, (run, table) in results.items():
         t = table[table["path"].isin(common)].sort_values("path").reset_index(drop=True)
-        probs, _ = predict_table(run, t, batch_size)
+        probs, _ = predict_table(run, t, batch_size, lung_region=lung_region_input(run, t))
         paired[key] = (t["label_index"].to_numpy().astype(int), probs)
     report = write_comparison_report(paired, list(classes.pop()), out_root)
     print(f"comparison of {len(paired)} models on {len(common)} shared images -> {report['files']['markdown']}")

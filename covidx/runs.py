@@ -38,6 +38,21 @@ class Run:
     def task(self) -> str:
         return self.config["task"]
 
+    @property
+    def regional(self) -> bool:
+        """Trained with Regional Learning (a train step that takes lung masks): the system it belongs to feeds
+        it the lung region ``X_T = X_O · M`` (Cascade-SEME's stage 2)."""
+        name = self.config.get("trainer")
+        if not name:
+            return False
+        import covidx.training  # noqa: F401  (registers every trainer)
+        from covidx.training.trainers import get_trainer
+
+        try:
+            return "lung_mask" in get_trainer(name).needs
+        except ValueError:
+            return False
+
     def split_table(self) -> pd.DataFrame | None:
         if self.directory is None or not (self.directory / "split.csv").is_file():
             return None
@@ -82,12 +97,21 @@ def load_run(path: str | Path, compile: bool = False) -> Run:
     return Run(model, config, run_dir, ckpt)
 
 
-def predict_table(run: Run, table: pd.DataFrame, batch_size: int = 16, progress: bool = False):
+def lung_region_input(run: Run, table: pd.DataFrame) -> bool:
+    """Whether ``run`` is fed the lung region ``X_T = X_O · M`` for ``table``: a Regional-Learning run
+    (deployed that way as the cascade's stage 2) and a lung mask for every row."""
+    return run.regional and "mask_path" in table and bool((table["mask_path"].astype(str) != "").all())
+
+
+def predict_table(run: Run, table: pd.DataFrame, batch_size: int = 16, progress: bool = False,
+                  lung_region: bool = False):
     """Run ``run.model`` over ``table`` with the run's own preprocessing (the evaluation path).
 
-    Returns ``(outputs, targets)``: probabilities ``(N, K)`` (or per-pixel probabilities for
-    segmenters) and the targets the pipeline derived (one-hot / class maps; meaningless for
-    tables without labels). Rows are kept in order; unreadable files raise (check them first).
+    ``lung_region`` feeds ``X_T = X_O · M`` with the masks of ``mask_path`` (the Regional-Learning
+    input, see :func:`lung_region_input`) instead of the image. Returns ``(outputs, targets)``:
+    probabilities ``(N, K)`` (or per-pixel probabilities for segmenters) and the targets the pipeline
+    derived (one-hot / class maps; meaningless for tables without labels). Rows are kept in order;
+    unreadable files raise (check them first).
     """
     import numpy as np
 
@@ -101,13 +125,16 @@ def predict_table(run: Run, table: pd.DataFrame, batch_size: int = 16, progress:
     if "label_index" not in table:
         table["label_index"] = 0
     task = TASKS.get(run.task, TASKS["4class"])
-    ds = make_dataset(table, task, run.preprocess, batch_size=batch_size, cache=False, ignore_errors=False)
+    ds = make_dataset(table, task, run.preprocess, batch_size=batch_size, cache=False, ignore_errors=False,
+                      lung_masks=lung_region)
     if progress:
         from tqdm import tqdm
 
         ds = tqdm(ds, total=-(-len(table) // batch_size), desc="predicting", unit="batch")
     outs, ys = [], []
     for x, y, _ in ds:
+        if lung_region:
+            x = x["image"] * x["lung_mask"]
         out = run.model.predict_on_batch(x)  # a compiled function: eager calls re-trace grouped convs
         out = out[0] if isinstance(out, (list, tuple)) else out
         outs.append(np.asarray(out, dtype=np.float32))

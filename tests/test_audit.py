@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from covidx.explain.audit import DEFAULT_THRESHOLD, energy_inside_mask, shortcut_audit
+from covidx.explain.audit import DEFAULT_MIN_ENRICHMENT, energy_inside_mask, shortcut_audit
 
 SIZE = 32
 
@@ -57,18 +57,20 @@ def test_classes_looking_outside_the_lungs_are_flagged():
     shares = energy_inside_mask(heatmaps, masks)
     np.testing.assert_allclose(report["share"], shares)
     assert report["flagged"] == ["covid19"]
-    assert report["threshold"] == DEFAULT_THRESHOLD == 0.5
+    assert report["min_enrichment"] == DEFAULT_MIN_ENRICHMENT == 1.0
+    np.testing.assert_allclose(report["enrichment"], shares / mask.mean())
     assert report["per_class"]["covid19"]["median_share"] < 0.05
     assert report["per_class"]["normal"]["median_share"] > 0.7  # lungs are ~9 px wide, the blob spills a little
     assert report["per_class"]["normal"]["median_share"] == pytest.approx(float(np.median(shares[5:])))
     assert report["per_class"]["normal"]["n"] == 5
     assert report["per_class"]["normal"]["median_lung_fraction"] == pytest.approx(mask.mean())
+    assert report["per_class"]["normal"]["median_enrichment"] == pytest.approx(float(np.median(shares[5:])) / mask.mean())
     assert report["per_class"]["viral"]["n"] == 0 and np.isnan(report["per_class"]["viral"]["median_share"])
 
-    # one-hot labels give the same report; a stricter threshold also flags "normal"
+    # one-hot labels give the same report; a stricter criterion also flags "normal"
     one_hot = np.eye(3)[labels]
     assert shortcut_audit(heatmaps, masks, one_hot, ["covid19", "normal", "viral"])["flagged"] == ["covid19"]
-    strict = shortcut_audit(heatmaps, masks, labels, ["covid19", "normal", "viral"], threshold=0.999)
+    strict = shortcut_audit(heatmaps, masks, labels, ["covid19", "normal", "viral"], min_enrichment=1 / mask.mean())
     assert strict["flagged"] == ["covid19", "normal"]
 
 
@@ -77,7 +79,24 @@ def test_uniform_attention_scores_the_lung_area_and_is_flagged():
     heatmaps = np.ones((3, SIZE, SIZE))
     report = shortcut_audit(heatmaps, np.repeat(mask[None], 3, 0), [0, 0, 0], ["covid19"])
     assert report["per_class"]["covid19"]["median_share"] == pytest.approx(mask.mean())
-    assert mask.mean() < 0.5 and report["flagged"] == ["covid19"]
+    assert report["per_class"]["covid19"]["median_enrichment"] == pytest.approx(1.0)
+    assert report["flagged"] == ["covid19"]  # chance level is not evidence for the lungs
+
+
+def test_the_same_share_is_judged_against_the_lung_area():
+    """Half of the evidence inside the mask is 2.5x chance when the mask is 20 % of the frame, and below
+    chance when it is 60 %."""
+    heat = np.zeros((1, 10, 10))
+    heat[0, :, :4] = 1.0  # evidence on the four left columns
+    small = np.zeros((1, 10, 10), bool)
+    small[0, :, :2] = True  # 20 % of the frame: two of the evidence columns
+    large = np.zeros((1, 10, 10), bool)
+    large[0, :, 2:8] = True  # 60 % of the frame: the other two
+    assert energy_inside_mask(heat, small)[0] == pytest.approx(0.5) == energy_inside_mask(heat, large)[0]
+    on_small, on_large = shortcut_audit(heat, small, [0], ["a"]), shortcut_audit(heat, large, [0], ["a"])
+    assert on_small["per_class"]["a"]["median_enrichment"] == pytest.approx(0.5 / 0.2)
+    assert on_large["per_class"]["a"]["median_enrichment"] == pytest.approx(0.5 / 0.6)
+    assert on_small["flagged"] == [] and on_large["flagged"] == ["a"]
 
 
 def test_bad_labels_rejected():

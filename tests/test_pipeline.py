@@ -140,3 +140,36 @@ def test_lung_mask_inputs_for_regional_learning(tmp_path):
     x, y, _ = next(iter(make_dataset(t, "4class", PreprocessConfig(image_size=32), batch_size=2, lung_masks=True)))
     assert set(x) == {"image", "lung_mask"} and x["lung_mask"].shape == (2, 32, 32, 1)
     assert set(np.unique(x["lung_mask"].numpy())) == {0.0, 1.0}
+
+
+def test_composed_warp_matches_direct_flip_and_crop():
+    """The single composed warp equals the transforms done directly with NumPy / OpenCV."""
+    from covidx.data.augment import AugmentSpec
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (48, 48, 1), dtype=np.uint8)
+    mask = (img > 128).astype(np.uint8)
+    flip = AugmentSpec(hflip=True)
+    for s in range(20):  # a seed that flips and one that does not
+        out, m = augment_image(tf.constant(img), tf.constant(mask), flip, tf.constant([s, 0], tf.int64))
+        out, m = out.numpy(), m.numpy()
+        if not np.array_equal(out, img.astype(np.float32)):
+            np.testing.assert_array_equal(out, img[:, ::-1].astype(np.float32))
+            np.testing.assert_array_equal(m, mask[:, ::-1])
+            break
+    else:
+        raise AssertionError("no seed flipped")
+
+    # A resized crop of a quarter of the area, square, on a linear ramp: bilinear sampling of a linear
+    # function is exact, so the output is the ramp at half the slope, offset by the box's corner.
+    yy, xx = np.mgrid[:48, :48]
+    ramp = (2 * xx + 3 * yy).astype(np.uint8)[..., None]
+    crop = AugmentSpec(resized_crop=(0.25, 0.25), crop_ratio=(1.0, 1.0))
+    out, _ = augment_image(tf.constant(ramp), tf.constant(mask[..., :0]), crop, tf.constant([3, 4], tf.int64))
+    out = out.numpy()[..., 0]
+    design = np.stack([xx.ravel(), yy.ravel(), np.ones(48 * 48)], 1)
+    (a, b, c), *_ = np.linalg.lstsq(design, out.ravel(), rcond=None)
+    np.testing.assert_allclose([a, b], [1.0, 1.5], atol=0.01)
+    corner = c + 2 * 0.25 + 3 * 0.25  # c = 2 (X0 - 0.25) + 3 (Y0 - 0.25) for the box corner (X0, Y0)
+    assert 0 <= corner <= 2 * 24 + 3 * 24  # the box lies inside the image
+    assert np.abs(out.ravel() - design @ [a, b, c]).max() <= 1.0  # linear everywhere: no padding, one interpolation

@@ -18,7 +18,8 @@ a useful test COVID-19 recall where the shortcut network is at chance, and its G
 term still rewards the marker on the full image, so on the *unmasked* confounded images the
 Regional-Learning network is flagged too and its COVID-19 recall on unmasked test images
 drops. That is why the cascade feeds stage 2 the lung region at inference
-(:mod:`covidx.models.cascade`, arXiv §4.2 "only the double-lung images were retained"): the
+(:mod:`covidx.models.cascade`, arXiv §4.2 "only the double-lung images were retained"), and
+why the audit explains a Regional-Learning run on that input (``audit_input="auto"``): the
 guarantee holds for the decision the system actually makes, not for full images.
 """
 
@@ -102,9 +103,9 @@ def lung_regions(table: pd.DataFrame, folder) -> pd.DataFrame:
     return table.assign(path=paths)
 
 
-def as_run(net) -> Run:
-    return Run(net, {"model": "small-cnn", "task": "stage2", "classes": CLASSES, "preprocess": PRE.to_dict()},
-               None, None)
+def as_run(net, trainer: str) -> Run:
+    return Run(net, {"model": "small-cnn", "task": "stage2", "classes": CLASSES, "preprocess": PRE.to_dict(),
+                     "trainer": trainer}, None, None)
 
 
 @pytest.mark.slow
@@ -133,21 +134,31 @@ def test_audit_flags_the_marker_shortcut_and_regional_learning_decides_on_the_lu
     # ... and it has nothing else: on the lung region alone it is at chance on its own training images.
     assert accuracy(predictions(shortcut, train, region=True), train) <= 0.65
 
-    audit_shortcut = run_audit(as_run(shortcut), confounded, tmp_path / "audit_shortcut")
+    audit_shortcut = run_audit(as_run(shortcut, "standard"), confounded, tmp_path / "audit_shortcut")
+    assert audit_shortcut["input"] == "full"  # deployed on full images
     assert audit_shortcut["flagged"] == ["covid19"]
     assert audit_shortcut["median_share"]["covid19"] < 0.25  # the evidence sits on the marker
+    assert audit_shortcut["per_class"]["covid19"]["median_enrichment"] < 0.8  # well below chance
 
     # Regional Learning's guarantee: the lung region alone is classified, from lung evidence.
     assert accuracy(predictions(regional, train, region=True), train) >= 0.85
     recall_region = covid_recall(predictions(regional, test, region=True), test)
     assert recall_region >= 0.5
     assert recall_region >= covid_recall(predictions(shortcut, test), test) + 0.3
-    regions = lung_regions(confounded, tmp_path / "regions")
-    audit_region = run_audit(as_run(regional), regions, tmp_path / "audit_regional_xt")
+    # The audit explains it on its deployed input, X_T (the cascade's stage 2): not flagged.
+    audit_region = run_audit(as_run(regional, "regional"), confounded, tmp_path / "audit_regional_xt")
+    assert audit_region["input"] == "lung-region"
+    assert audit_region["flagged"] == []
+    assert audit_region["per_class"]["covid19"]["median_enrichment"] > 1.2
     assert audit_region["median_share"]["covid19"] >= audit_shortcut["median_share"]["covid19"] + 0.25
+    # The audit's X_T agrees with X_T made at full resolution with OpenCV and written to disk.
+    regions = lung_regions(confounded, tmp_path / "regions")
+    on_disk = run_audit(as_run(regional, "standard"), regions, tmp_path / "audit_regional_disk")
+    assert abs(on_disk["median_share"]["covid19"] - audit_region["median_share"]["covid19"]) < 0.05
 
     # What it does not guarantee: CE(O_O, y) of eq. 6 still rewards the marker on the full image, so on
     # the unmasked confounded images the Regional-Learning network is flagged as well. Its decision is
     # trustworthy on X_T, which is what the cascade gives stage 2 at inference.
-    audit_full = run_audit(as_run(regional), confounded, tmp_path / "audit_regional_full")
+    audit_full = run_audit(as_run(regional, "regional"), confounded, tmp_path / "audit_regional_full",
+                           audit_input="full")
     assert "covid19" in audit_full["flagged"]

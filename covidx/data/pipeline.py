@@ -3,7 +3,9 @@
 Per image: read + decode (PNG 8/16-bit, JPEG, DICOM) -> gray -> resize -> uint8 ->
 **cache** (decoded, resized images; in memory or a cache file) -> [random or centre
 crop] -> CLAHE (probability) -> augmentation -> model channels; then batch,
-per-sample class weights, prefetch. Maps run in parallel with AUTOTUNE.
+per-sample class weights, prefetch. Maps run one call per CPU core in parallel: tf.data's
+autotuner is switched off because on this project's 2-core machine it settled, at random per
+run, on 1.4 instead of 2 cores for a whole epoch (benchmarks/pipeline.py; see ``parallel_calls``).
 Randomness is stateless, drawn per image and epoch from ``seed``, so runs repeat.
 Masks (lung, lesion) are read, resized, cached, cropped and augmented with their
 image (nearest-neighbour), so they stay aligned.
@@ -14,16 +16,22 @@ Batches follow the trainer contract (:mod:`covidx.training.trainers`):
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from covidx.data.augment import augment_image, get_augment
-from covidx.data.io import decode_tf, to_channels
-from covidx.data.preprocess import PreprocessConfig, clahe_opencv_tf, crop_tf, resize_tf
+from covidx.data.augment import geometric_matrix, get_augment, has_photometric, opencv_stage, photometric
+from covidx.data.io import decode_bytes_tf, decode_tf, to_channels
+from covidx.data.preprocess import PreprocessConfig, crop_tf, resize_tf
 from covidx.tasks import Task, get_task
 
-AUTOTUNE = tf.data.AUTOTUNE
+
+
+def default_parallel_calls() -> int:
+    """The CPU cores this process may use (the container's limit, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def balanced_class_weights(labels, num_classes: int) -> np.ndarray:
@@ -39,7 +47,7 @@ def _read_mask_tf(path, hw):
     """Mask file -> uint8 (h, w, 1) in {0, 1} at ``hw`` (the resized image's size; nearest neighbour, so a
     mask the size of its image lands exactly where the image's pixels do); empty string -> all zeros."""
     def read():
-        m = decode_tf(path, tf.constant(False))
+        m = decode_bytes_tf(tf.io.read_file(path))
         m = tf.image.resize(tf.cast(m > 127.0, tf.uint8), hw, method="nearest")
         return tf.cast(m, tf.uint8)
 
@@ -59,6 +67,7 @@ def make_dataset(
     seed: int = 0,
     drop_remainder: bool = False,
     ignore_errors: bool = True,
+    parallel_calls: int | None = None,
 ) -> tf.data.Dataset:
     """Build the dataset for ``table`` (already filtered by :func:`covidx.data.splits.select_task`).
 
@@ -69,6 +78,7 @@ def make_dataset(
             ``False`` for none.
         ignore_errors: skip (and log) an image that fails to decode instead of stopping the run;
             files are also checked when the table is built.
+        parallel_calls: images decoded / augmented at once (default: the usable CPU cores).
     """
     task = get_task(task) if isinstance(task, str) else task
     segmentation = task.kind == "segmentation"
@@ -92,8 +102,12 @@ def make_dataset(
          "target": target_masks, "lung": lung}
     )
 
+    any_dicom = any(dicom)
+
     def load(e):
-        img = resize_tf(decode_tf(e["path"], e["dicom"]), size, config.resize)
+        # Without DICOM files the graph holds no Python (pydicom) call at all.
+        decoded = decode_tf(e["path"], e["dicom"]) if any_dicom else decode_bytes_tf(tf.io.read_file(e["path"]))
+        img = resize_tf(decoded, size, config.resize)
         hw = tf.shape(img)[:2]
         if with_masks:
             masks = tf.concat([_read_mask_tf(e["target"], hw), _read_mask_tf(e["lung"], hw)], axis=-1)
@@ -102,7 +116,8 @@ def make_dataset(
         img = tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
         return {"index": e["index"], "image": img, "masks": masks, "label": e["label"]}
 
-    ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+    parallel = parallel_calls or default_parallel_calls()
+    ds = ds.map(load, num_parallel_calls=parallel, deterministic=True)
     if ignore_errors:
         ds = ds.ignore_errors(log_warning=True)
     if cache:
@@ -121,15 +136,19 @@ def make_dataset(
             stacked = tf.concat([img, masks], axis=-1)
             stacked = crop_tf(stacked, size, tf.random.experimental.stateless_fold_in(seed_i, 101) if training else None)
             img, masks = stacked[..., :1], stacked[..., 1:]
-        if training and config.clahe_prob > 0:
-            use = tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(seed_i, 202)) < config.clahe_prob
-            img = tf.cond(use, lambda: clahe_opencv_tf(img, config.clahe_clip, config.clahe_grid), lambda: img)
-        elif config.clahe_inference:
-            img = clahe_opencv_tf(img, config.clahe_clip, config.clahe_grid)
-        img = tf.cast(img, tf.float32)
-        if training:
-            img, masks = augment_image(img, masks, spec, tf.random.experimental.stateless_fold_in(seed_i, 303))
-        img = tf.ensure_shape(to_channels(img, config.channels), [size, size, config.channels])
+        # CLAHE (with probability in training) and the geometric augmentation: one OpenCV call.
+        random_clahe = training and config.clahe_prob > 0
+        if random_clahe:
+            use_clahe = tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(seed_i, 202)) < config.clahe_prob
+        else:
+            use_clahe = tf.constant(bool(config.clahe_inference))
+        aug_seed = tf.random.experimental.stateless_fold_in(seed_i, 303)
+        matrix = geometric_matrix(spec, aug_seed, [size, size])
+        if matrix is not None or random_clahe or config.clahe_inference:
+            img, masks = opencv_stage(img, masks, matrix, use_clahe, config.clahe_clip, config.clahe_grid)
+        if has_photometric(spec):
+            img = photometric(tf.cast(img, tf.float32), spec, aug_seed)
+        img = tf.ensure_shape(img, [size, size, 1])  # uint8 unless photometric: cast and channels per batch
         masks = tf.ensure_shape(masks, [size, size, n_masks])
         if segmentation:
             y = tf.cast(masks[..., 0], tf.int32)
@@ -138,6 +157,15 @@ def make_dataset(
         inputs = {"image": img, "lung_mask": tf.cast(masks[..., 1:], tf.float32)} if lung_masks else img
         return inputs, y, tf.gather(weights, e["label"])
 
-    ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.map(prepare, num_parallel_calls=parallel, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    return ds.prefetch(AUTOTUNE)
+
+    def finish(inputs, y, w):  # one cast per batch, and a 4x (12x for RGB models) smaller batch copy
+        image = inputs["image"] if lung_masks else inputs
+        image = to_channels(tf.cast(image, tf.float32), config.channels)
+        return ({**inputs, "image": image} if lung_masks else image), y, w
+
+    ds = ds.map(finish, num_parallel_calls=parallel, deterministic=True)
+    options = tf.data.Options()
+    options.autotune.enabled = False  # fixed parallelism; see the module docstring
+    return ds.prefetch(2).with_options(options)

@@ -61,13 +61,6 @@ def clahe_uint8(image: np.ndarray, clip: float = 2.0, grid: int = 8) -> np.ndarr
     return out[..., None] if squeeze else out
 
 
-def clahe_opencv_tf(image_uint8, clip: float, grid: int):
-    """CLAHE inside a tf.data pipeline (OpenCV through tf.numpy_function; exported graphs use covidx.data.clahe)."""
-    out = tf.numpy_function(lambda im: clahe_uint8(im, clip, grid), [image_uint8], tf.uint8, stateful=False)
-    out.set_shape(image_uint8.shape)
-    return out
-
-
 def resize_tf(image, size: int, mode: str, method="bilinear"):
     """Resize (H, W, C): ``stretch`` to size x size, or ``crop`` mode's short side to ``size`` (aspect kept).
 

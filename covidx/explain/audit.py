@@ -15,6 +15,15 @@ energy-based pointing game of Score-CAM (Wang et al., CVPRW 2020, Sec. 4.3):
 
 with L the non-negative heatmap (Grad-CAM in [0, 1]; negative values, e.g. of
 a LIME weight map, are clipped to 0 so that only supporting evidence counts).
+
+A share means little without its chance level: a map spread uniformly over the
+image scores the lung-area fraction ``a = |mask| / |image|`` (a quarter to a
+third of a frontal radiograph; more on a lung-cropped one, less on a wide
+field). The audit therefore judges the **enrichment** ``share / a``, the ratio of
+the evidence density inside the lungs to the image's mean density: above 1 the
+explanation prefers the lungs, below 1 it prefers everything else. A class is
+flagged when its median enrichment is not above ``min_enrichment`` (1 by
+default: the explanation is no denser in the lungs than a uniform map).
 """
 
 from __future__ import annotations
@@ -24,13 +33,10 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-# Majority rule: a class is flagged when, for its median image, more than half
-# of the evidence lies outside the lungs. Lungs fill roughly a quarter to a
-# third of a frontal radiograph, so an attention map spread uniformly over the
-# image scores ~0.3 and is flagged, while one concentrated on the lungs scores
-# well above 0.5. Each class's chance level (median lung-area fraction) is
-# reported beside its share for comparison.
-DEFAULT_THRESHOLD = 0.5
+# Chance rule: flagged when the median image's evidence is no denser inside the lungs than a uniform map's.
+# A fixed share (say 0.5) would depend on how much of the frame the lungs fill and on the heatmap's
+# resolution (a 7x7 or 16x16 Grad-CAM upsampled always spills over the lung border).
+DEFAULT_MIN_ENRICHMENT = 1.0
 
 
 def _as_stack(maps, name: str) -> np.ndarray:
@@ -81,7 +87,7 @@ def shortcut_audit(
     lung_masks,
     labels,
     class_names: Sequence[str],
-    threshold: float = DEFAULT_THRESHOLD,
+    min_enrichment: float = DEFAULT_MIN_ENRICHMENT,
 ) -> dict:
     """Per-class summary of where the explanations fall; flags classes that look outside the lungs.
 
@@ -90,19 +96,21 @@ def shortcut_audit(
         lung_masks: (N, H, W) lung masks (e.g. from the FC-DenseNet103 lung segmenter or the dataset).
         labels: (N,) class indices, or (N, K) one-hot rows, grouping the images.
         class_names: name of each class index.
-        threshold: a class is flagged when its median share is below this
-            (default 0.5, see ``DEFAULT_THRESHOLD``).
+        min_enrichment: a class is flagged when the median over its images of
+            ``share / lung-area fraction`` is not above this (default 1, see the module docstring).
 
     Returns:
-        dict with ``share`` (per-image list), ``per_class``
-        (name -> ``{"n", "median_share", "mean_share", "median_lung_fraction"}``),
-        ``flagged`` (class names with median share < threshold, in class order)
-        and ``threshold``. Classes without images (or only all-zero heatmaps)
-        get NaN statistics and are not flagged.
+        dict with ``share`` and ``enrichment`` (per-image lists), ``per_class``
+        (name -> ``{"n", "median_share", "mean_share", "median_lung_fraction",
+        "median_enrichment"}``), ``flagged`` (class names with median enrichment ≤
+        min_enrichment, in class order) and ``min_enrichment``. Classes without
+        images (or only all-zero heatmaps) get NaN statistics and are not flagged.
     """
     heat = _as_stack(heatmaps, "heatmaps")
     shares = energy_inside_mask(heat, lung_masks)
     lung_fraction = _masks_like(lung_masks, heat).mean(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        enrichment = np.where(lung_fraction > 0, shares / np.where(lung_fraction > 0, lung_fraction, 1.0), np.nan)
     y = np.asarray(labels)
     if y.ndim == 2:
         y = y.argmax(axis=-1)
@@ -116,12 +124,16 @@ def shortcut_audit(
         selected = y == index
         valid = shares[selected][~np.isnan(shares[selected])]
         median = float(np.median(valid)) if valid.size else float("nan")
+        rich = enrichment[selected][~np.isnan(enrichment[selected])]
+        median_rich = float(np.median(rich)) if rich.size else float("nan")
         per_class[name] = {
             "n": int(selected.sum()),
             "median_share": median,
             "mean_share": float(valid.mean()) if valid.size else float("nan"),
             "median_lung_fraction": float(np.median(lung_fraction[selected])) if selected.any() else float("nan"),
+            "median_enrichment": median_rich,
         }
-        if not np.isnan(median) and median < threshold:
+        if not np.isnan(median_rich) and median_rich <= min_enrichment + 1e-9:  # not above chance
             flagged.append(name)
-    return {"share": shares.tolist(), "per_class": per_class, "flagged": flagged, "threshold": float(threshold)}
+    return {"share": shares.tolist(), "enrichment": enrichment.tolist(), "per_class": per_class, "flagged": flagged,
+            "min_enrichment": float(min_enrichment)}

@@ -145,29 +145,48 @@ def write_overlays(run, paths, method, folder, batch_size=16, layer=None, class_
     return written
 
 
-def run_audit(run, table: pd.DataFrame, out_dir, threshold=0.5, batch_size=16) -> dict:
-    """Shortcut audit (issue: heatmaps outside the lungs): Grad-CAM of the predicted class vs lung masks."""
+AUDIT_INPUTS = ("auto", "full", "lung-region")
+
+
+def run_audit(run, table: pd.DataFrame, out_dir, min_enrichment=None, batch_size=16, audit_input="auto") -> dict:
+    """Shortcut audit: Grad-CAM of the predicted class vs the lung masks of ``table`` (``mask_path``).
+
+    ``audit_input`` is what the model is explained on: ``full`` images, or their ``lung-region``
+    ``X_T = X_O · M`` (the input a Regional-Learning stage 2 gets in the cascade). ``auto`` takes the
+    input the model is deployed with: the lung region for a Regional-Learning run, the full image
+    otherwise. Writes ``audit.csv`` (per image) and ``audit.json``; returns the
+    :func:`covidx.explain.audit.shortcut_audit` summary plus ``median_share`` and ``input``.
+    """
     import cv2
 
-    from covidx.explain.audit import shortcut_audit
+    from covidx.explain.audit import DEFAULT_MIN_ENRICHMENT, shortcut_audit
 
+    if audit_input not in AUDIT_INPUTS:
+        raise ValueError(f"audit input must be one of {AUDIT_INPUTS}, not {audit_input!r}")
+    if audit_input == "auto":
+        audit_input = "lung-region" if run.regional else "full"
     if "mask_path" not in table or (table["mask_path"].astype(str) == "").any():
         raise ValueError("the shortcut audit needs a lung mask for every image (mask_path; see covidx.data.lung_masks)")
+    if run.preprocess.resize == "crop":
+        raise ValueError("the audit compares full images with their masks: use a stretch-resize model")
     images = model_inputs(run, table["path"].tolist(), batch_size)
-    maps, _ = gradcam_heatmaps(run, images, batch_size=batch_size)
     size = images.shape[1:3]
     masks = np.stack([cv2.resize((cv2.imread(m, cv2.IMREAD_GRAYSCALE) > 127).astype(np.uint8), size[::-1],
                                  interpolation=cv2.INTER_NEAREST) for m in table["mask_path"]])
-    if run.preprocess.resize == "crop":
-        raise ValueError("the audit compares full images with their masks: use a stretch-resize model")
+    if audit_input == "lung-region":
+        images = images * masks[..., None]  # as the pipeline and the cascade build X_T
+    maps, _ = gradcam_heatmaps(run, images, batch_size=batch_size)
+    threshold = DEFAULT_MIN_ENRICHMENT if min_enrichment is None else min_enrichment
     result = shortcut_audit(maps, masks, table["label_index"].to_numpy().astype(int), run.class_names, threshold)
     result["median_share"] = {c: v["median_share"] for c, v in result["per_class"].items()}
+    result["input"] = audit_input
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(dict(path=table["path"], label=table["label"] if "label" in table else "",
-                      share_inside_lungs=result["share"])).to_csv(out / "audit.csv", index=False)
-    (out / "audit.json").write_text(json.dumps({k: v for k, v in result.items() if k != "share"}, indent=2,
-                                               default=lambda v: None))
+                      share_inside_lungs=result["share"], enrichment=result["enrichment"])).to_csv(out / "audit.csv",
+                                                                                                  index=False)
+    (out / "audit.json").write_text(json.dumps({k: v for k, v in result.items() if k not in ("share", "enrichment")},
+                                               indent=2, default=lambda v: None))
     return result
 
 
