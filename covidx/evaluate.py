@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="output folder (default: RUN/eval, or evaluation-<time> for several runs)")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     ap.add_argument("--audit", action="store_true", help="shortcut audit: Grad-CAM energy inside the lung masks")
-    ap.add_argument("--audit-min-enrichment", type=float, default=1.0,
+    ap.add_argument("--audit-min-enrichment", type=float, default=1.5,
                     help="flag classes whose median (share inside lungs / lung-area fraction) is below this")
     ap.add_argument("--audit-input", default="auto", choices=("auto", "full", "lung-region"),
                     help="explain full images or their lung region (auto: the lung region for Regional-Learning runs)")

@@ -57,7 +57,7 @@ def test_classes_looking_outside_the_lungs_are_flagged():
     shares = energy_inside_mask(heatmaps, masks)
     np.testing.assert_allclose(report["share"], shares)
     assert report["flagged"] == ["covid19"]
-    assert report["min_enrichment"] == DEFAULT_MIN_ENRICHMENT == 1.0
+    assert report["min_enrichment"] == DEFAULT_MIN_ENRICHMENT == 1.5
     np.testing.assert_allclose(report["enrichment"], shares / mask.mean())
     assert report["per_class"]["covid19"]["median_share"] < 0.05
     assert report["per_class"]["normal"]["median_share"] > 0.7  # lungs are ~9 px wide, the blob spills a little
@@ -81,6 +81,10 @@ def test_uniform_attention_scores_the_lung_area_and_is_flagged():
     assert report["per_class"]["covid19"]["median_share"] == pytest.approx(mask.mean())
     assert report["per_class"]["covid19"]["median_enrichment"] == pytest.approx(1.0)
     assert report["flagged"] == ["covid19"]  # chance level is not evidence for the lungs
+    slightly = shortcut_audit(heatmaps * (1 + 0.2 * mask), np.repeat(mask[None], 3, 0), [0, 0, 0], ["covid19"])
+    assert 1.0 < slightly["per_class"]["covid19"]["median_enrichment"] < 1.5 and slightly["flagged"] == ["covid19"]
+    assert shortcut_audit(heatmaps * (1 + 0.2 * mask), np.repeat(mask[None], 3, 0), [0, 0, 0], ["covid19"],
+                          min_enrichment=1.0)["flagged"] == []
 
 
 def test_the_same_share_is_judged_against_the_lung_area():

@@ -54,6 +54,8 @@ def test_train_writes_a_complete_run(tmp_path, dataset):
     assert len(pd.read_csv(run / "history.csv")) == 2
     import keras
 
+    import covidx.layers  # noqa: F401  (registers covidx's layers for load_model)
+
     model = keras.models.load_model(run / "best.keras", safe_mode=True)
     assert model.output_shape == (None, 4)
 
@@ -130,3 +132,24 @@ def test_list_models_shows_task_size_and_parameters():
     assert lines[1].split()[:4] == ["baseline-mobilenetv2", "classifier", "4class", "224x3"]
     assert lines[1].split()[4] == "2,263,108"
     assert lines[2].split()[:3] == ["lung-unet", "segmenter", "lungs"]
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_with_mixed_precision(tmp_path, dataset):
+    """tf.distribute MirroredStrategy (one CPU replica here) and the mixed_float16 policy, end to end."""
+    r = train("--data", dataset / "kermany", "--image-size", 32, "--epochs", 1, "--batch-size", 8,
+              "--strategy", "mirrored", "--mixed-precision", "--out", tmp_path, "--verbose", 0)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = run_dir_of(tmp_path)
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["train"]["strategy"] == "mirrored" and cfg["train"]["mixed_precision"] is True
+    import keras
+    import numpy as np
+
+    import covidx.layers  # noqa: F401  (registers covidx's layers for load_model)
+
+    model = keras.models.load_model(run / "best.keras", safe_mode=True)
+    assert any(layer.dtype_policy.name == "mixed_float16" for layer in model.layers)  # computed in float16 ...
+    out = model(np.zeros((2, *model.input_shape[1:]), np.float32))
+    assert out.dtype == "float32"  # ... with float32 probabilities (the output layer keeps float32)
+    np.testing.assert_allclose(np.asarray(out).sum(-1), 1.0, atol=1e-3)
