@@ -3,7 +3,8 @@
 INPUT is an image (PNG, JPEG, DICOM), a folder (searched recursively) or a CSV with a
 ``path`` column. Prints and writes one row per image: path, the probability of every
 class, the predicted label. Unreadable files are reported with the reason and skipped.
-``--explain gradcam`` writes a Grad-CAM overlay per image (Keras checkpoints).
+``--explain gradcam`` writes a Grad-CAM overlay per image (Keras checkpoints; for a cascade folder,
+one per stage reached, stage 2 on its lung-region input).
 
 ``--segmenter SEGMENTER_RUN`` runs the two-stage system of the concatenated-ensemble
 paper (Hasan et al., Sec. III, Fig. 2): images the classifier calls COVID-19 or
@@ -263,8 +264,9 @@ def main(argv=None) -> int:
     try:
         cascade_source = export_dir if export_dir is not None else Path(args.checkpoint)
         if is_cascade(cascade_source):
-            if args.explain or args.segmenter:
-                print("error: --explain/--segmenter do not apply to a cascade", file=sys.stderr)
+            if args.segmenter or (args.explain and not (cascade_source / "cascade.json").is_file()):
+                print("error: --segmenter does not apply to a cascade, --explain needs the cascade folder "
+                      "(python -m covidx.cascade), not its export", file=sys.stderr)
                 return 2
             probs, names, labels, extra = predict_cascade(cascade_source, good, args.batch_size)
         elif args.segmenter:
@@ -297,11 +299,17 @@ def main(argv=None) -> int:
             label = labels[i] if labels is not None else names[int(np.argmax(row))]
             print(f"{p}: {label}  " + "  ".join(f"{c}={v:.3f}" for c, v in zip(names, row)))
     if args.explain:
-        from covidx.explain.cli import write_overlays
-
         out = Path(args.out)
         folder = Path(args.overlays) if args.overlays else out.with_name(out.stem + "_overlays")
-        written = write_overlays(run, good, args.explain, folder, batch_size=args.batch_size)
+        if labels is not None:  # a cascade: both stages (stage 2 on its lung-region input)
+            from covidx.models.cascade import CascadeSEME
+
+            records = CascadeSEME.load(cascade_source).explain(good, folder, args.explain, args.batch_size)
+            written = [r[s]["overlay"] for r in records for s in ("stage1", "stage2") if r[s] is not None]
+        else:
+            from covidx.explain.cli import write_overlays
+
+            written = write_overlays(run, good, args.explain, folder, batch_size=args.batch_size)
         print(f"{len(written)} overlays in {folder}")
     if extra is not None and "segmented" in extra:
         print(f"{int(sum(extra['segmented']))} of {len(good)} images segmented; masks and overlays in {mask_dir}")

@@ -325,3 +325,47 @@ def test_full_size_cascade_seme():
     assert {k: (tuple(t.shape), t.dtype) for k, t in model.output.items()} == {
         "stage1_probabilities": ((None, 3), "float32"), "stage2_probability": ((None,), "float32"),
         "reached_stage2": ((None,), "bool"), "class_index": ((None,), "int32")}
+
+
+def test_explain_both_stages_with_stage2_on_the_lung_region(tmp_path):
+    """Grad-CAM of stage 1 on every image, of stage 2 on the lung-region input of the routed images only."""
+    from covidx.explain.gradcam import GradCAM
+
+    keras.utils.set_random_seed(0)
+    # Sizes with a spatial last feature map: 2 x 2 for the one-block-per-stage ResNet at 64 px, 4 x 4 for a
+    # two-dense-block DenseNet at 32 px.
+    stage1 = create_model("seme-resnet50", image_size=64, **TINY_SEME["stage1_kwargs"])
+    stage2 = create_model("seme-densenet169", image_size=32, blocks=(2, 2), growth_rate=8, init_filters=16)
+    paths = [write_png(tmp_path / "in" / f"x{i}.png", lung_image(40 + 3 * i, 48, i)) for i in range(6)]
+    p_viral = C.CascadeSEME(stage1, stage2, 0.0).predict(paths).stage1_probabilities[:, 2]
+    cascade = C.CascadeSEME(stage1, stage2, split_threshold(p_viral), lung_segmenter=threshold_segmenter(16))
+    routed = cascade.predict(paths).reached_stage2
+    assert 0 < routed.sum() < len(paths)
+
+    records = cascade.explain(paths, tmp_path / "out")
+    assert [r["stage2"] is not None for r in records] == list(routed)
+    cam1 = GradCAM(stage1, "conv5_block1_out")  # the reduced copy's last block (registered: conv5_block3_out)
+    cam2 = GradCAM(stage2, get_spec("seme-densenet169").gradcam_layer)
+    for path, r in zip(paths, records):
+        x1 = preprocess_gray(tf.constant(cv2.imread(path, 0)[..., None].astype(np.float32)), cascade.stage1_preprocess)
+        np.testing.assert_array_equal(r["stage1"]["input"], np.clip(x1.numpy()[..., 0], 0, 255).astype(np.uint8))
+        expected = cam1.explain(x1[None])
+        np.testing.assert_allclose(r["stage1"]["heatmap"], expected.heatmaps[0], atol=1e-5)
+        assert r["stage1"]["class_name"] == C.STAGE1_CLASSES[int(expected.class_indices[0])]
+        assert r["stage1"]["heatmap"].shape == (64, 64) and Path(r["stage1"]["overlay"]).is_file()
+        if r["stage2"] is None:
+            continue
+        x2 = r["stage2"]["input"]
+        assert (x2 == 0).mean() > 0.2  # outside the lungs stage 2 sees black (the X_T of predict)
+        expected = cam2.explain(x2[None, ..., None].astype(np.float32))
+        np.testing.assert_allclose(r["stage2"]["heatmap"], expected.heatmaps[0], atol=1e-4)
+        assert Path(r["stage2"]["overlay"]).is_file()
+    assert len(list((tmp_path / "out").glob("*.png"))) == len(paths) + routed.sum()
+    # The same through python -m covidx.predict on the saved cascade folder.
+    from covidx.predict import main as predict_main
+
+    saved = cascade.save(tmp_path / "cascade")
+    assert predict_main(["--checkpoint", str(saved), str(tmp_path / "in"), "--out", str(tmp_path / "p.csv"),
+                         "--explain", "gradcam", "--overlays", str(tmp_path / "cli")]) == 0
+    assert len(list((tmp_path / "cli").glob("*_stage1.png"))) == len(paths)
+    assert len(list((tmp_path / "cli").glob("*_stage2.png"))) == routed.sum()

@@ -5,7 +5,7 @@ Per image: read + decode (PNG 8/16-bit, JPEG, DICOM) -> gray -> resize -> uint8 
 crop] -> CLAHE (probability) -> augmentation -> model channels; then batch,
 per-sample class weights, prefetch. Maps run one call per CPU core in parallel: tf.data's
 autotuner is switched off because on this project's 2-core machine it settled, at random per
-run, on 1.4 instead of 2 cores for a whole epoch (benchmarks/pipeline.py; see ``parallel_calls``).
+run, on 1 to 1.4 instead of 2 cores for a whole epoch (benchmarks/pipeline.py; see ``parallel_calls``).
 Randomness is stateless, drawn per image and epoch from ``seed``, so runs repeat.
 Masks (lung, lesion) are read, resized, cached, cropped and augmented with their
 image (nearest-neighbour), so they stay aligned.
@@ -26,7 +26,6 @@ from covidx.data.augment import geometric_matrix, get_augment, has_photometric, 
 from covidx.data.io import decode_bytes_tf, decode_tf, to_channels
 from covidx.data.preprocess import PreprocessConfig, crop_tf, resize_tf
 from covidx.tasks import Task, get_task
-
 
 
 def default_parallel_calls() -> int:

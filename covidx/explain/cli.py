@@ -34,15 +34,23 @@ def model_inputs(run, paths, batch_size=16):
     return np.concatenate([x.numpy() for x, _, _ in ds])
 
 
-def gradcam_layer(run, layer=None):
-    if layer:
-        return layer
+def registered_layer(model, model_name: str):
+    """The Grad-CAM target layer registered for ``model_name`` when ``model`` has it, else ``None`` (the last
+    4-D layer, found by :func:`covidx.explain.gradcam.find_target_layer`): reduced copies built with other
+    block counts (``model_kwargs``) name their last block differently, and models covidx did not register
+    have no entry."""
+    from covidx.explain.gradcam import iter_layers
     from covidx.models import get_spec
 
     try:
-        return get_spec(run.config.get("model", "")).gradcam_layer
+        name = get_spec(model_name).gradcam_layer
     except ValueError:
-        return None  # a model covidx did not register: GradCAM finds the last 4-D layer itself
+        return None
+    return name if name and any(name in (path, lyr.name) for path, lyr in iter_layers(model)) else None
+
+
+def gradcam_layer(run, layer=None):
+    return layer or registered_layer(run.model, run.config.get("model", ""))
 
 
 def gradcam_heatmaps(run, images, method="gradcam", layer=None, class_index=None, batch_size=16):

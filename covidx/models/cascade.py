@@ -336,6 +336,11 @@ def to_gray(image):
     return tf.constant(a[..., None])
 
 
+def _display(x) -> np.ndarray:
+    """A model input (S, S, C) in [0, 255] as a uint8 gray image."""
+    return np.clip(np.asarray(x)[..., 0], 0, 255).astype(np.uint8)
+
+
 @dataclass
 class CascadePrediction:
     """Per-image outputs of :meth:`CascadeSEME.predict` (rows in input order)."""
@@ -445,6 +450,57 @@ class CascadeSEME:
         out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return CascadePrediction(out["stage1_probabilities"], out["stage2_probability"], out["reached_stage2"],
                                  out["class_index"], [FINAL_CLASSES[i] for i in out["class_index"]])
+
+    def explain(self, images, out_dir=None, method: str = "gradcam", batch_size: int = 16) -> list[dict]:
+        """Grad-CAM (``method="gradcam++"``: Grad-CAM++) of both stages, as the paper's Figs. 11, 13 and 16.
+
+        Stage 1 is explained on every image, stage 2 on the images routed to it and on the input it
+        decides from (the lung region ``X_T`` when a segmenter is set), each for its predicted class at
+        the registered target layer of ``seme-resnet50`` / ``seme-densenet169`` (the last 4-D layer for
+        other networks). Returns one record per image: ``stage1`` and ``stage2`` (``None`` when the image
+        did not reach stage 2), each ``{"class_name", "heatmap" (S, S) in [0, 1], "input" (S, S) uint8}``;
+        with ``out_dir``, also writes ``<index>_<stem>_stage1.png`` and ``..._stage2.png`` overlays.
+        """
+        from covidx.explain.cli import registered_layer
+        from covidx.explain.gradcam import GradCAM
+        from covidx.explain.overlay import overlay_heatmap, save_png
+
+        if method not in ("gradcam", "gradcam++"):
+            raise ValueError(f"the cascade is explained with gradcam or gradcam++, not {method!r}")
+        cam1, cam2 = (GradCAM(model, registered_layer(model, name), plus_plus=method == "gradcam++")
+                      for model, name in ((self.stage1, "seme-resnet50"), (self.stage2, "seme-densenet169")))
+        images = list(images)
+        records = []
+        for start in range(0, len(images), batch_size):
+            grays = [to_gray(im) for im in images[start:start + batch_size]]
+            x1 = tf.stack([preprocess_gray(g, self.stage1_preprocess) for g in grays])
+            r1 = cam1.explain(x1)
+            p1 = tf.cast(self.stage1(x1, training=False), tf.float32)
+            routed = self.gate.route(p1).numpy()
+            batch = [{"stage1": {"class_name": self.stage1_classes[int(c)], "heatmap": h, "input": _display(x)},
+                      "stage2": None} for c, h, x in zip(r1.class_indices, r1.heatmaps, x1.numpy())]
+            idx = np.flatnonzero(routed)
+            if idx.size:
+                chosen = [grays[i] for i in idx]
+                x2 = tf.stack([preprocess_gray(g, self.stage2_preprocess) for g in chosen])
+                if self.lung is not None:
+                    x_lung = tf.stack([preprocess_gray(g, self.lung_preprocess) for g in chosen])
+                    x2 = self.regional_input(x2, x_lung, tf.stack([tf.shape(g)[:2] for g in chosen]))
+                r2 = cam2.explain(x2)
+                for i, c, h, x in zip(idx, r2.class_indices, r2.heatmaps, x2.numpy()):
+                    batch[i]["stage2"] = {"class_name": self.stage2_classes[int(c)], "heatmap": h, "input": _display(x)}
+            records.extend(batch)
+        if out_dir is not None:
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            for i, (image, record) in enumerate(zip(images, records)):
+                stem = Path(image).stem if isinstance(image, (str, Path)) else "image"
+                for stage in ("stage1", "stage2"):
+                    if record[stage] is not None:
+                        path = out / f"{i:04d}_{stem}_{stage}.png"
+                        save_png(path, overlay_heatmap(record[stage]["input"], record[stage]["heatmap"]))
+                        record[stage]["overlay"] = str(path)
+        return records
 
     def to_keras_model(self, name: str = "cascade_seme") -> keras.Model:
         """The in-graph cascade (:func:`build_cascade_model`) of these trained stages."""
