@@ -13,53 +13,14 @@ chance level (the lung-area fraction); see :mod:`covidx.explain.audit`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-import pandas as pd
-
-
-def evaluation_table(run, data=None, layouts=None, split: str | None = "test") -> pd.DataFrame:
-    """The rows to evaluate ``run`` on: its held-out split, or ``data`` (a split of it when it has one)."""
-    from covidx.data import load_sources, select_task
-    from covidx.data.verify import verify_table
-
-    if data:
-        table, report = load_sources(data, layouts)
-        table = verify_table(table, report)
-        for line in report.lines()[:20]:
-            print(f"  {line}", file=sys.stderr)
-        table = select_task(table, run.task)
-        if split and (table["split"] == split).any():
-            table = table[table["split"] == split]
-        return table.reset_index(drop=True)
-    table = run.split_table()
-    if table is None:
-        raise FileNotFoundError(f"{run.checkpoint}: no split.csv beside it; pass --data to say what to evaluate on")
-    split = split or "test"
-    table = table[table["split"] == split]
-    if table.empty:
-        raise ValueError(f"{run.checkpoint}: its {split} split is empty")
-    return table.reset_index(drop=True)
-
-
-def evaluate_run(run, table: pd.DataFrame, out_dir: Path, n_bootstrap: int = 1000, batch_size: int = 16) -> dict:
-    """A run's report on ``table``; a Regional-Learning run is scored on the lung region when every row
-    has a lung mask (:func:`covidx.runs.lung_region_input`), the input the cascade gives it."""
-    from covidx.evaluation import write_classification_report, write_segmentation_report
-    from covidx.runs import lung_region_input, predict_table
-
-    probs, targets = predict_table(run, table, batch_size, lung_region=lung_region_input(run, table))
-    name = run.config.get("model", run.model.name)
-    if run.config.get("kind") == "segmentation" or probs.ndim == 4:
-        pred = probs.argmax(-1)
-        return write_segmentation_report(targets, pred, out_dir, ids=list(table["path"]))
-    y_true = table["label_index"].to_numpy().astype(int)
-    return write_classification_report(y_true, probs, run.class_names, out_dir,
-                                       patient_ids=list(table["patient_id"]), model_name=name,
-                                       n_bootstrap=n_bootstrap)
+from covidx.data.sources import DatasetError
+from covidx.explain.runs import AUDIT_INPUTS, run_audit
+from covidx.reports import compare, evaluate_run, evaluation_table
+from covidx.runs import load_run, lung_region_input
 
 
 def main(argv=None) -> int:
@@ -73,13 +34,10 @@ def main(argv=None) -> int:
     ap.add_argument("--audit", action="store_true", help="shortcut audit: Grad-CAM energy inside the lung masks")
     ap.add_argument("--audit-min-enrichment", type=float, default=1.5,
                     help="flag classes whose median (share inside lungs / lung-area fraction) is below this")
-    ap.add_argument("--audit-input", default="auto", choices=("auto", "full", "lung-region"),
+    ap.add_argument("--audit-input", default="auto", choices=AUDIT_INPUTS,
                     help="explain full images or their lung region (auto: the lung region for Regional-Learning runs)")
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args(argv)
-
-    from covidx.data.sources import DatasetError
-    from covidx.runs import load_run, lung_region_input
 
     several = len(args.checkpoint) > 1
     out_root = Path(args.out) if args.out else None
@@ -90,7 +48,7 @@ def main(argv=None) -> int:
         for ckpt in args.checkpoint:
             run = load_run(ckpt)
             table = evaluation_table(run, args.data, args.layout, args.split)
-            name = run.config.get("model", run.model.name)
+            name = run.name
             key = name if name not in results else f"{name}-{len(results)}"
             out = (out_root / key) if several else (out_root or (run.directory or Path(ckpt).parent) / "eval")
             m = evaluate_run(run, table, out, args.bootstrap, args.batch_size)
@@ -109,8 +67,6 @@ def main(argv=None) -> int:
             else:
                 print(f"  mean Dice {m['mean_dice']:.4f}  mean IoU {m['mean_iou']:.4f}")
             if args.audit:
-                from covidx.explain.cli import run_audit
-
                 audit = run_audit(run, table, out, min_enrichment=args.audit_min_enrichment, batch_size=args.batch_size,
                                   audit_input=args.audit_input)
                 summary = {c: f"{v['median_share']:.3f} ({v['median_enrichment']:.2f}x chance)"
@@ -123,29 +79,6 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-def compare(results: dict, out_root: Path, batch_size: int = 16):
-    """Pairwise comparison on the cases every run was evaluated on."""
-    from covidx.evaluation import write_comparison_report
-    from covidx.runs import lung_region_input, predict_table
-
-    common = set.intersection(*(set(t["path"]) for _, t in results.values()))
-    classes = {tuple(r.class_names) for r, _ in results.values()}
-    if len(classes) > 1:
-        print("  (no comparison: the runs have different classes)")
-        return
-    if not common:
-        print("  (no comparison: the runs share no evaluation images; pass --data)")
-        return
-    paired = {}
-    for key, (run, table) in results.items():
-        t = table[table["path"].isin(common)].sort_values("path").reset_index(drop=True)
-        probs, _ = predict_table(run, t, batch_size, lung_region=lung_region_input(run, t))
-        paired[key] = (t["label_index"].to_numpy().astype(int), probs)
-    report = write_comparison_report(paired, list(classes.pop()), out_root)
-    print(f"comparison of {len(paired)} models on {len(common)} shared images -> {report['files']['markdown']}")
-    (out_root / "comparison.json").write_text(json.dumps(report["rows"], indent=2, default=float))
 
 
 if __name__ == "__main__":

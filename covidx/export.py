@@ -3,10 +3,10 @@
 With ``--segmenter SEGMENTER_RUN`` the export is the two-stage system of the
 concatenated-ensemble paper (Hasan et al., Sec. III, Fig. 2): the classifier, then the
 lesion segmenter for images classified COVID-19 or pneumonia
-(:func:`covidx.models.two_stage.export_two_stage`; outputs ``probabilities``,
+(:func:`covidx.serving.systems.export_two_stage`; outputs ``probabilities``,
 ``class_index``, ``class_name``, ``mask``, ``segmented``). A cascade folder written by
 ``python -m covidx.cascade`` (it holds ``cascade.json``) exports Cascade-SEME as one model
-(:func:`covidx.models.cascade.export_cascade`; outputs ``stage1_probabilities``,
+(:func:`covidx.serving.systems.export_cascade`; outputs ``stage1_probabilities``,
 ``stage2_probability`` (-1 when stage 2 was not reached), ``reached_stage2``, ``class_index``,
 ``class_name``).
 """
@@ -15,6 +15,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from covidx.data.io import DEFAULT_MAX_PIXELS
+from covidx.serving.export import export
+from covidx.serving.systems import export_cascade, export_two_stage
 
 
 def main(argv=None) -> int:
@@ -28,25 +33,13 @@ def main(argv=None) -> int:
                                    "--segmenter)")
     ap.add_argument("--max-pixels", type=int, default=None, help="reject larger images (InvalidArgument)")
     args = ap.parse_args(argv)
-    from covidx.serving.export import DEFAULT_MAX_PIXELS, export
-
-    from pathlib import Path
-
     try:
         if (Path(args.checkpoint) / "cascade.json").is_file():
-            from covidx.models.cascade import export_cascade
-
             path = export_cascade(args.checkpoint, args.out, args.version, args.max_pixels or DEFAULT_MAX_PIXELS,
                                   name=args.name or "cascade-seme")
         elif args.segmenter:
-            from covidx.models.two_stage import export_two_stage
-            from covidx.predict import segmented_classes
-            from covidx.runs import load_run
-
-            classifier = load_run(args.checkpoint)
-            path = export_two_stage(classifier, args.segmenter, args.out, name=args.name or "two_stage",
-                                    version=args.version, segment_classes=segmented_classes(classifier.class_names),
-                                    max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
+            path = export_two_stage(args.checkpoint, args.segmenter, args.out, name=args.name or "two_stage",
+                                    version=args.version, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
         else:
             path = export(args.checkpoint, args.out, args.version, args.max_pixels or DEFAULT_MAX_PIXELS, args.name)
     except (FileNotFoundError, FileExistsError, ValueError) as e:

@@ -102,6 +102,14 @@ TASKS: dict[str, Task] = {
 }
 
 
+# Class index of "lung" in the ``lungs`` task: what a lung segmenter's argmax means (Regional Learning).
+LUNG_INDEX = TASKS["lungs"].classes.index("lung")
+# The Cascade-SEME tasks (Lv et al. 2021, §4): stage 1's, stage 2's and the cascade's final classes.
+STAGE1_CLASSES = TASKS["stage1"].classes
+STAGE2_CLASSES = TASKS["stage2"].classes
+CASCADE_CLASSES = ("bacterial", "normal", "viral", "covid19")
+
+
 def get_task(name: str) -> Task:
     try:
         return TASKS[name]

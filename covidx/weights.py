@@ -12,6 +12,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import h5py
+import numpy as np
+
 # keras.applications release file names (include_top=False variants).
 IMAGENET_FILES = {
     "resnet50": "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
@@ -79,3 +82,20 @@ def resolve_weights(arch: str, weights: str | os.PathLike | None) -> str | None:
     if not path.is_file():
         raise WeightsNotFoundError(f"weights file {path} does not exist")
     return str(path)
+
+
+def read_legacy_h5(path: str | os.PathLike) -> list[tuple[str, list[np.ndarray]]]:
+    """``(layer name, weight arrays)`` of every layer with weights in a Keras-2 ``.h5`` file, in saved order
+    (the order Keras loads them by topology). Whole-model files keep the weights under ``model_weights``."""
+    def text(v):
+        return v.decode("utf8") if isinstance(v, bytes) else str(v)
+
+    out = []
+    with h5py.File(path, "r") as f:
+        group = f["model_weights"] if "layer_names" not in f.attrs and "model_weights" in f else f
+        for name in map(text, group.attrs["layer_names"]):
+            g = group[name]
+            arrays = [np.asarray(g[text(n)]) for n in g.attrs.get("weight_names", [])]
+            if arrays:
+                out.append((name, arrays))
+    return out

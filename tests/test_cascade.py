@@ -12,9 +12,12 @@ import pytest
 import tensorflow as tf
 
 from covidx.data.preprocess import PreprocessConfig
+from covidx import cascade as cascade_cli
 from covidx.models import cascade as C
+from covidx.serving.systems import export_cascade
+from covidx.systems import cascade as S
 from covidx.models.registry import create_model, get_spec
-from covidx.serving.preprocess import preprocess_gray
+from covidx.data.inference import preprocess_gray
 from tests.test_lung_masks import LUNG_LEVEL, threshold_segmenter
 
 # Fixed-weight stages: softmax(W * m + b) of the mean pixel m = mean(x) / 255, so every output is
@@ -63,28 +66,28 @@ def test_calibrate_threshold_is_the_mean_viral_probability_of_the_reference_set(
     labels = np.array([0, 1, 2, 2, 0, 2, 1])
     x = np.ones((len(values), 16, 16, 1), np.float32) * values[:, None, None, None]
     p_viral = softmax(np.outer(values / 255.0, W1) + B1)[:, 2]
-    all_ = C.calibrate_threshold(stage1, x, viral_index=2)
-    viral = C.calibrate_threshold(stage1, x, viral_index=2, reference="viral", labels=labels)
+    all_ = S.calibrate_threshold(stage1, x, viral_index=2)
+    viral = S.calibrate_threshold(stage1, x, viral_index=2, reference="viral", labels=labels)
     assert all_ == pytest.approx(p_viral.mean(), abs=1e-6)
     assert viral == pytest.approx(p_viral[labels == 2].mean(), abs=1e-6)
     assert abs(all_ - viral) > 0.05
     # A tf.data dataset of (x, one-hot y, w) batches, as covidx.data.make_dataset yields them.
     ds = tf.data.Dataset.from_tensor_slices((x, tf.one_hot(labels, 3), tf.ones(len(x)))).batch(3)
-    assert C.calibrate_threshold(stage1, ds, 2, "viral") == pytest.approx(viral, abs=1e-6)
-    assert C.calibrate_threshold(stage1, ds, 2) == pytest.approx(all_, abs=1e-6)
+    assert S.calibrate_threshold(stage1, ds, 2, "viral") == pytest.approx(viral, abs=1e-6)
+    assert S.calibrate_threshold(stage1, ds, 2) == pytest.approx(all_, abs=1e-6)
     with pytest.raises(ValueError, match="needs labels"):
-        C.calibrate_threshold(stage1, x, 2, reference="viral")
+        S.calibrate_threshold(stage1, x, 2, reference="viral")
     with pytest.raises(ValueError, match="empty"):
-        C.calibrate_threshold(stage1, x, 2, reference="viral", labels=np.zeros(len(x)))
+        S.calibrate_threshold(stage1, x, 2, reference="viral", labels=np.zeros(len(x)))
     with pytest.raises(ValueError, match="reference"):
-        C.calibrate_threshold(stage1, x, 2, reference="test")
+        S.calibrate_threshold(stage1, x, 2, reference="test")
 
 
 @pytest.mark.parametrize("threshold", [0.3, 0.9, 0.99])
 def test_routing_sentinel_and_final_labels(threshold):
     values = np.array([20, 60, 100, 130, 160, 200, 240])
     images = [const(v, 40 + i, 48 - i) for i, v in enumerate(values)]
-    cascade = C.CascadeSEME(mean_classifier(W1, B1, 24, "s1"), mean_classifier(W2, B2, 32, "s2"), threshold)
+    cascade = S.CascadeSEME(mean_classifier(W1, B1, 24, "s1"), mean_classifier(W2, B2, 32, "s2"), threshold)
     cascade.stage2 = spy = Spy(cascade.stage2)
     out = cascade.predict(images, batch_size=16)
 
@@ -100,12 +103,12 @@ def test_routing_sentinel_and_final_labels(threshold):
         np.testing.assert_allclose(spy.calls[0][..., 0], np.broadcast_to(values[routed, None, None], (routed.sum(), 32, 32)))
     p_covid = softmax(np.outer(m, W2) + B2)[:, 0]
     np.testing.assert_allclose(out.stage2_probability, np.where(routed, p_covid, -1.0), atol=1e-5)
-    assert (out.stage2_probability[~routed] == C.SENTINEL).all()
+    assert (out.stage2_probability[~routed] == S.SENTINEL).all()
     # Routed: stage 2 decides covid19 / viral. Not routed: the larger of bacterial / normal, never viral.
     expected = np.where(routed, np.where(p_covid > 0.5, "covid19", "viral"),
                         np.where(p1[:, 0] > p1[:, 1], "bacterial", "normal"))
     assert out.class_name == list(expected)
-    assert [C.FINAL_CLASSES[i] for i in out.class_index] == out.class_name
+    assert [S.FINAL_CLASSES[i] for i in out.class_index] == out.class_name
     frame = out.to_frame()
     assert list(frame["label"]) == out.class_name and frame["p_viral"].to_numpy() == pytest.approx(p1[:, 2], abs=1e-5)
     if threshold == 0.9:  # value 200: viral is stage 1's argmax but below Th_vir -> normal
@@ -129,7 +132,7 @@ def lung_image(h, w, seed):
 
 def test_stage2_sees_the_lung_region_only():
     images = [lung_image(40, 48, 0), lung_image(57, 45, 1), lung_image(64, 64, 2)]
-    cascade = C.CascadeSEME(mean_classifier(W1, B1, 24, "s1"), mean_classifier(W2, B2, 32, "s2"), 0.0,
+    cascade = S.CascadeSEME(mean_classifier(W1, B1, 24, "s1"), mean_classifier(W2, B2, 32, "s2"), 0.0,
                             lung_segmenter=threshold_segmenter(16))
     cascade.stage2 = spy = Spy(cascade.stage2)
     out = cascade.predict(images)
@@ -177,7 +180,7 @@ def test_in_graph_cascade_equals_python_cascade_and_reloads(tmp_path):
     assert got["stage1_probabilities"].shape == (8, 3) and got["class_index"].shape == (8,)
     assert 0 < got["reached_stage2"].sum() < 8
 
-    python = C.CascadeSEME(model.get_layer("stage1_seme_resnet50"), model.get_layer("stage2_seme_densenet169"),
+    python = S.CascadeSEME(model.get_layer("stage1_seme_resnet50"), model.get_layer("stage2_seme_densenet169"),
                            threshold, lung_segmenter=model.get_layer("lung_unet")).predict(list(x))
     np.testing.assert_allclose(got["stage1_probabilities"], python.stage1_probabilities, atol=1e-5)
     np.testing.assert_array_equal(got["reached_stage2"], python.reached_stage2)
@@ -207,9 +210,9 @@ def test_save_load_roundtrip_and_export_match_python(tmp_path):
     cv2.imwrite(str(jpg), lung_image(50, 44, 7))
     paths.append(str(jpg))
     cfg1, cfg2 = PreprocessConfig(image_size=32), PreprocessConfig(image_size=32, resize="crop")
-    p_viral = C.CascadeSEME(stage1, stage2, 0.0, stage1_preprocess=cfg1, stage2_preprocess=cfg2) \
+    p_viral = S.CascadeSEME(stage1, stage2, 0.0, stage1_preprocess=cfg1, stage2_preprocess=cfg2) \
         .predict(paths).stage1_probabilities[:, 2]
-    cascade = C.CascadeSEME(stage1, stage2, split_threshold(p_viral), lung_segmenter=threshold_segmenter(16),
+    cascade = S.CascadeSEME(stage1, stage2, split_threshold(p_viral), lung_segmenter=threshold_segmenter(16),
                             stage1_preprocess=cfg1, stage2_preprocess=cfg2)
     want = cascade.predict(paths)
     assert 0 < want.reached_stage2.sum() < len(paths)
@@ -219,18 +222,18 @@ def test_save_load_roundtrip_and_export_match_python(tmp_path):
     assert files == {"stage1.keras", "stage2.keras", "lung.keras", "cascade.json"}
     saved = json.loads((tmp_path / "cascade" / "cascade.json").read_text())
     assert saved["threshold"] == cascade.threshold and saved["preprocess"]["stage2"]["resize"] == "crop"
-    loaded = C.CascadeSEME.load(tmp_path / "cascade")
+    loaded = S.CascadeSEME.load(tmp_path / "cascade")
     again = loaded.predict(paths)
     for field in ("stage1_probabilities", "stage2_probability", "reached_stage2", "class_index"):
         np.testing.assert_array_equal(getattr(again, field), getattr(want, field))
 
     (tmp_path / "exports" / "cascade-seme" / "1").mkdir(parents=True)  # an older version being served
-    version = C.export_cascade(tmp_path / "cascade", tmp_path / "exports")
+    version = export_cascade(tmp_path / "cascade", tmp_path / "exports")
     assert version == tmp_path / "exports" / "cascade-seme" / "2" and (version / "saved_model.pb").is_file()
     with pytest.raises(FileExistsError):
-        C.export_cascade(tmp_path / "cascade", tmp_path / "exports", version=2)
+        export_cascade(tmp_path / "cascade", tmp_path / "exports", version=2)
     meta = json.loads((version / "assets.extra" / "covidx.json").read_text())
-    assert meta["classes"] == list(C.FINAL_CLASSES) and meta["threshold"] == cascade.threshold
+    assert meta["classes"] == list(S.FINAL_CLASSES) and meta["threshold"] == cascade.threshold
     served = tf.saved_model.load(str(version))
     assert set(served.signatures) == {"serving_default", "predict_tensor"}
     out = served.signatures["serving_default"](image_bytes=tf.constant([Path(p).read_bytes() for p in paths]))
@@ -284,27 +287,27 @@ def test_from_runs_calibrates_on_the_training_split_and_cli(tmp_path, capsys):
     labels = ["bacterial", "normal", "viral", "viral", "bacterial", "viral", "normal", "viral", "viral"]
     split = ["train"] * 7 + ["test", "val"]
     paths = [write_png(tmp_path / "data" / f"c{i}.png", const(v, 30 + i, 36)) for i, v in enumerate(values)]
-    table = pd.DataFrame({"path": paths, "label": labels, "label_index": [C.STAGE1_CLASSES.index(c) for c in labels],
+    table = pd.DataFrame({"path": paths, "label": labels, "label_index": [S.STAGE1_CLASSES.index(c) for c in labels],
                           "split": split, "mask_path": "", "lesion_path": ""})
-    r1 = make_run(tmp_path / "runs" / "s1", mean_classifier(W1, B1, 24, "s1"), "stage1", list(C.STAGE1_CLASSES), 24, table)
-    r2 = make_run(tmp_path / "runs" / "s2", mean_classifier(W2, B2, 32, "s2"), "stage2", list(C.STAGE2_CLASSES), 32)
+    r1 = make_run(tmp_path / "runs" / "s1", mean_classifier(W1, B1, 24, "s1"), "stage1", list(S.STAGE1_CLASSES), 24, table)
+    r2 = make_run(tmp_path / "runs" / "s2", mean_classifier(W2, B2, 32, "s2"), "stage2", list(S.STAGE2_CLASSES), 32)
     rl = make_run(tmp_path / "runs" / "lung", threshold_segmenter(16), "lungs", ["background", "lung"], 16)
 
     p_viral = softmax(np.outer(np.array(values) / 255.0, W1) + B1)[:, 2]
     train = np.array(split) == "train"
     viral = np.array(labels) == "viral"
-    assert C.main(["--stage1", str(r1), "--stage2", str(r2), "--lung", str(rl), "--out", str(tmp_path / "c")]) == 0
+    assert cascade_cli.main(["--stage1", str(r1), "--stage2", str(r2), "--lung", str(rl), "--out", str(tmp_path / "c")]) == 0
     assert "Th_vir" in capsys.readouterr().out
     saved = json.loads((tmp_path / "c" / "cascade.json").read_text())
     assert saved["threshold"] == pytest.approx(p_viral[train].mean(), abs=1e-6)
     assert saved["calibration"]["size"] == 7 and saved["calibration"]["reference"] == "all"
     assert saved["preprocess"]["lung"]["image_size"] == 16 and (tmp_path / "c" / "lung.keras").is_file()
 
-    by_viral = C.CascadeSEME.from_runs(r1, r2, reference="viral")
+    by_viral = S.CascadeSEME.from_runs(r1, r2, reference="viral")
     assert by_viral.threshold == pytest.approx(p_viral[train & viral].mean(), abs=1e-6)
     assert by_viral.calibration["size"] == 3 and by_viral.lung is None
     assert abs(by_viral.threshold - saved["threshold"]) > 0.05
-    assert C.main(["--stage1", str(r2), "--stage2", str(r2), "--out", str(tmp_path / "bad")]) == 2
+    assert cascade_cli.main(["--stage1", str(r2), "--stage2", str(r2), "--out", str(tmp_path / "bad")]) == 2
     assert "stage 1 classes ('covid19', 'viral') must be" in capsys.readouterr().err
 
 
@@ -313,7 +316,7 @@ def test_full_size_cascade_seme():
     model = create_model("cascade-seme")
     parts = {layer.name: layer.count_params() for layer in model.layers if isinstance(layer, keras.Model)}
     # The three registered full-size networks at 512 x 512 x 1; the gate and masking add nothing.
-    # SEME-ResNet50, 3 classes: SPEC's bias-free 26,038,899 + 79,680 conv biases (resnet.py docstring).
+    # SEME-ResNet50, 3 classes: the bias-free SENet layout's 26,038,899 + 79,680 conv biases (resnet.py docstring).
     # SEME-DenseNet169, 2 classes: keras DenseNet169 14,307,880 - 6,272 (1-channel stem)
     #   - 1,661,670 (1000-way -> 2-way head) + 595,816 (SE on the dense-block outputs).
     # Lung U-Net: 31,042,434 trainable + 11,776 BN statistics (unet.py docstring).
@@ -337,8 +340,8 @@ def test_explain_both_stages_with_stage2_on_the_lung_region(tmp_path):
     stage1 = create_model("seme-resnet50", image_size=64, **TINY_SEME["stage1_kwargs"])
     stage2 = create_model("seme-densenet169", image_size=32, blocks=(2, 2), growth_rate=8, init_filters=16)
     paths = [write_png(tmp_path / "in" / f"x{i}.png", lung_image(40 + 3 * i, 48, i)) for i in range(6)]
-    p_viral = C.CascadeSEME(stage1, stage2, 0.0).predict(paths).stage1_probabilities[:, 2]
-    cascade = C.CascadeSEME(stage1, stage2, split_threshold(p_viral), lung_segmenter=threshold_segmenter(16))
+    p_viral = S.CascadeSEME(stage1, stage2, 0.0).predict(paths).stage1_probabilities[:, 2]
+    cascade = S.CascadeSEME(stage1, stage2, split_threshold(p_viral), lung_segmenter=threshold_segmenter(16))
     routed = cascade.predict(paths).reached_stage2
     assert 0 < routed.sum() < len(paths)
 
@@ -351,7 +354,7 @@ def test_explain_both_stages_with_stage2_on_the_lung_region(tmp_path):
         np.testing.assert_array_equal(r["stage1"]["input"], np.clip(x1.numpy()[..., 0], 0, 255).astype(np.uint8))
         expected = cam1.explain(x1[None])
         np.testing.assert_allclose(r["stage1"]["heatmap"], expected.heatmaps[0], atol=1e-5)
-        assert r["stage1"]["class_name"] == C.STAGE1_CLASSES[int(expected.class_indices[0])]
+        assert r["stage1"]["class_name"] == S.STAGE1_CLASSES[int(expected.class_indices[0])]
         assert r["stage1"]["heatmap"].shape == (64, 64) and Path(r["stage1"]["overlay"]).is_file()
         if r["stage2"] is None:
             continue

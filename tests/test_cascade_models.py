@@ -1,6 +1,6 @@
 """Cascade-SEME classifiers (Lv et al., Med Phys 2021): full-size parameter counts, shapes, wiring, saving.
 
-Reference counts are keras.applications' (built here where cheap, SPEC §0 otherwise); SE
+Reference counts are keras.applications' (built here where cheap, measured once otherwise); SE
 weights are added by the SENet formula ``2·C·(C/r) + C/r + C`` per SE block.
 """
 
@@ -14,7 +14,7 @@ from covidx.layers.moex import MomentExchange
 from covidx.models import densenet, resnet, vgg
 from covidx.models.registry import create_model, get_spec
 
-# SPEC §0 (measured on keras.applications 3.15 with weights=None, include_top=False):
+# Measured on keras.applications 3.15 with weights=None, include_top=False):
 RESNET50_NOTOP = {3: 23_587_712, 1: 23_581_440}
 DENSENET169_NOTOP = {3: 12_642_880, 1: 12_636_608}
 VGG19_NOTOP_3CH = 20_024_384
@@ -35,7 +35,7 @@ def head(features, classes):
 
 
 def test_se_weight_totals_match_spec():
-    # SPEC §c: SE-ResNet50 (bias-free SENet layout) 28,088,024 = torch ResNet50 25,557,032 + SE;
+    # SE-ResNet50 (bias-free SENet layout) 28,088,024 = torch ResNet50 25,557,032 + SE;
     # SE on every DenseNet169 dense-block output +595,816.
     assert RESNET50_SE == 28_088_024 - 25_557_032 == 2_530_992
     assert DENSENET169_SE == 595_816
@@ -166,7 +166,7 @@ def test_registered_variant_wiring(name):
     assert model.get_layer("normalize").mode == "unit"
     conv = next(l for l in layers if isinstance(l, keras.layers.Conv2D))
     assert conv.kernel_initializer.__class__.__name__ == "HeUniform"
-    # MoEx has no weights: SEME and SE variants have the same count (the SE-ResNet50 claim of SPEC §c).
+    # MoEx has no weights: SEME and SE variants have the same count (Med Phys 2021 §4.C: MoEx adds no parameters).
     if has_moex:
         plain = create_model(name, image_size=32, moex=False, **TINY[family])
         assert plain.count_params() == model.count_params()

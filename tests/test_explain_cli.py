@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from covidx.evaluate import main as evaluate_main
-from covidx.explain.cli import main as explain_main
-from covidx.explain.cli import run_audit
+from covidx.explain.__main__ import main as explain_main
+from covidx.explain.runs import run_audit
 from covidx.runs import load_run
 from tests.helpers import make_run
 

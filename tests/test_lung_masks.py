@@ -11,6 +11,7 @@ import tensorflow as tf
 from scipy import ndimage
 
 from covidx.data import lung_masks as lm
+from covidx.training import lung_masks as tlm
 from covidx.data.preprocess import PreprocessConfig
 
 LUNG_LEVEL = 103.28  # the fixed segmenter below calls a pixel lung when its value exceeds this
@@ -42,7 +43,7 @@ def test_predict_lung_masks_at_original_size(tmp_path):
         (tmp_path / "img").mkdir(exist_ok=True)
         half_image(paths[-1], h, w)
     table = pd.DataFrame({"path": paths, "label": "viral", "mask_path": ""})
-    out = lm.predict_lung_masks(threshold_segmenter(), table, tmp_path / "masks", batch_size=2)
+    out = tlm.predict_lung_masks(threshold_segmenter(), table, tmp_path / "masks", batch_size=2)
     assert table["mask_path"].eq("").all()  # the input table is not modified
     for (h, w), path, mask_path in zip(sizes, paths, out["mask_path"]):
         assert mask_path == str(tmp_path / "masks" / f"{path.rsplit('/', 1)[1][:-4]}.png")
@@ -57,7 +58,7 @@ def test_predict_lung_masks_at_original_size(tmp_path):
     threshold_segmenter().save(run / "best.keras")
     (run / "config.json").write_text(json.dumps({"model": "lung-unet", "task": "lungs", "classes": ["background", "lung"],
                                                  "preprocess": PreprocessConfig(image_size=32).to_dict()}))
-    again = lm.predict_lung_masks(run, table, tmp_path / "masks2")
+    again = tlm.predict_lung_masks(run, table, tmp_path / "masks2")
     for a, b in zip(out["mask_path"], again["mask_path"]):
         np.testing.assert_array_equal(cv2.imread(a, 0), cv2.imread(b, 0))
 
@@ -121,7 +122,7 @@ def test_attach_lung_masks_fills_only_missing_rows_and_caches(tmp_path):
     run = tmp_path / "lung.keras"
     threshold_segmenter().save(run)
     cache = tmp_path / "cache"
-    out = lm.attach_lung_masks(table, run, cache)
+    out = tlm.attach_lung_masks(table, run, cache)
     assert out.loc[1, "mask_path"] == drawn  # an existing mask is kept
     written = sorted(p.name for p in cache.iterdir())
     assert len(written) == 3 and "x2.png" in written  # only the three missing rows were predicted
@@ -131,7 +132,7 @@ def test_attach_lung_masks_fills_only_missing_rows_and_caches(tmp_path):
 
     # Second call: everything is cached, so the (now missing) checkpoint is never loaded.
     run.unlink()
-    again = lm.attach_lung_masks(table, run, cache)
+    again = tlm.attach_lung_masks(table, run, cache)
     pd.testing.assert_frame_equal(again, out)
     with pytest.raises(FileNotFoundError):
-        lm.attach_lung_masks(pd.DataFrame({"path": [paths[0]], "mask_path": [""]}), run, tmp_path / "empty")
+        tlm.attach_lung_masks(pd.DataFrame({"path": [paths[0]], "mask_path": [""]}), run, tmp_path / "empty")

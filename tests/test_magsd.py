@@ -10,6 +10,7 @@ from sklearn.metrics import jaccard_score
 from covidx.layers.normalization import ImageNormalization
 from covidx.models import magsd
 from covidx.models.registry import create_model, get_spec
+from covidx.explain import localization as L
 from covidx.training import magsd as T
 from covidx.training.trainers import get_trainer
 
@@ -48,7 +49,7 @@ def test_full_size_ma_net_parameters_and_shapes():
     conv_biases = sum(
         int(np.prod(l.bias.shape)) for l in net.layers if isinstance(l, keras.layers.Conv2D) and l.use_bias
     )
-    # official torch layout (SPEC §0): 23,862,336; keras.applications convs carry biases
+    # official torch layout: 23,862,336; keras.applications convs carry biases
     assert conv_biases == 26_560
     assert trainable == 23_862_336 + conv_biases == 23_888_896
     # + BN moving statistics: ResNet50 53,120 and attention BN 2 x 2 x 32
@@ -297,7 +298,7 @@ def test_soft_distance_loss_by_hand():
 def test_localization_iou_known_answer():
     maps = np.zeros((1, 8, 8, 2), "float32")
     maps[0, 2:4, 4:6, :] = [1.0, 3.0]  # mean over the M maps = 2 on the square
-    up, mask, boxes = T.localize(maps, (SIZE, SIZE), threshold=0.5)
+    up, mask, boxes = L.localize(maps, (SIZE, SIZE), threshold=0.5)
     expected_up = cv2.resize(maps[0].mean(axis=-1), (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)
     np.testing.assert_allclose(_np(up)[0], expected_up, atol=1e-5)
     expected = expected_up >= 0.5 * expected_up.max()
@@ -306,18 +307,18 @@ def test_localization_iou_known_answer():
     np.testing.assert_array_equal(_np(boxes)[0], [y0, x0, y1, x1])
 
     gt_box = np.array([[20, 30, 36, 50]])  # overlap 12 x 16 = 192; union 256 + 320 - 192 = 384
-    np.testing.assert_allclose(_np(T.box_iou(boxes, gt_box)), [0.5])
-    gt_mask = _np(T.boxes_to_masks(gt_box, (SIZE, SIZE)))
+    np.testing.assert_allclose(_np(L.box_iou(boxes, gt_box)), [0.5])
+    gt_mask = _np(L.boxes_to_masks(gt_box, (SIZE, SIZE)))
     assert gt_mask.sum() == 320 and gt_mask[0, 20:36, 30:50].all()
-    box_mask = _np(T.boxes_to_masks(boxes, (SIZE, SIZE)))[0]
-    np.testing.assert_allclose(_np(T.mask_iou(box_mask[None], gt_mask)), [0.5])
+    box_mask = _np(L.boxes_to_masks(boxes, (SIZE, SIZE)))[0]
+    np.testing.assert_allclose(_np(L.mask_iou(box_mask[None], gt_mask)), [0.5])
 
     disk = np.zeros((SIZE, SIZE), np.uint8)
     cv2.circle(disk, (40, 24), 10, 1, -1)
     np.testing.assert_allclose(
-        _np(T.mask_iou(mask, disk[None].astype(bool)))[0], jaccard_score(disk.ravel(), expected.ravel()), rtol=1e-6
+        _np(L.mask_iou(mask, disk[None].astype(bool)))[0], jaccard_score(disk.ravel(), expected.ravel()), rtol=1e-6
     )
     # an empty mask gives an empty box and IoU 0
-    _, empty_mask, empty_box = T.localize(np.zeros((1, 8, 8), "float32"), (SIZE, SIZE), threshold=1.0, relative=False)
+    _, empty_mask, empty_box = L.localize(np.zeros((1, 8, 8), "float32"), (SIZE, SIZE), threshold=1.0, relative=False)
     assert not _np(empty_mask).any() and _np(empty_box).tolist() == [[0, 0, 0, 0]]
-    assert _np(T.box_iou(empty_box, gt_box)).tolist() == [0.0]
+    assert _np(L.box_iou(empty_box, gt_box)).tolist() == [0.0]

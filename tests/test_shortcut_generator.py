@@ -5,7 +5,7 @@ image, and no other image, carries the text "PORTABLE" in a corner outside the l
 test split has no marker. Two identical small CNNs are trained at 64 px:
 
 * **standard** trainer: it learns the marker (training accuracy ~1, test COVID-19 recall
-  collapses), and the shortcut audit (:func:`covidx.explain.cli.run_audit`, Grad-CAM energy
+  collapses), and the shortcut audit (:func:`covidx.explain.runs.run_audit`, Grad-CAM energy
   inside the lung masks) flags its ``covid19`` class on the confounded training images.
 * **regional** trainer (Regional Learning, eq. 6: ``CE(O_T, y) + CE(O_O, y)`` on the image and
   its lung region ``X_T = X_O · M``).
@@ -33,7 +33,7 @@ import covidx.training  # noqa: F401  (registers the regional trainer)
 from covidx.data import PreprocessConfig, load_sources, make_dataset, select_task
 from covidx.data.io import read_image
 from covidx.data.synthetic import write_dataset
-from covidx.explain.cli import run_audit
+from covidx.explain.runs import run_audit
 from covidx.layers import ImageNormalization
 from covidx.runs import Run
 from covidx.training.trainers import get_trainer

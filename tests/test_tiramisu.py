@@ -54,7 +54,7 @@ def test_fcd103_has_103_convolutions(fcd103_rgb):
 
 @pytest.mark.slow
 def test_fcd103_parameter_counts(fcd103_rgb, fcd103_gray):
-    # SPEC §0/§e: 9,322,091 trainable + 103,072 BN statistics = 9,425,163 (the paper's "9.4M").
+    # Tiramisu paper Table 2 ("9.4M"): 9,322,091 trainable + 103,072 BN statistics = 9,425,163 (the paper's "9.4M").
     assert _param_counts(fcd103_rgb) == (9_322_091, 103_072)
     assert _param_counts(fcd103_gray) == (9_318_914, 103_072)
 

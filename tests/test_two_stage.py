@@ -11,7 +11,9 @@ import tensorflow as tf
 from covidx.data.preprocess import PreprocessConfig
 from covidx.layers import ImageNormalization
 from covidx.models.tiramisu import build_fc_densenet
-from covidx.models.two_stage import TwoStagePredictor, build_two_stage_archive, overlay_mask
+from covidx.explain.overlay import overlay_mask
+from covidx.serving.systems import build_two_stage_archive
+from covidx.systems.two_stage import TwoStagePredictor
 
 CLASSES = ["covid19", "pneumonia", "normal"]
 

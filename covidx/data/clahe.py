@@ -8,8 +8,7 @@ tile's gray-level mapping (LUT); each pixel is mapped through the LUTs of the
 four nearest tile centres and bilinearly interpolated.
 
 Training applies CLAHE through OpenCV (:func:`covidx.data.preprocess.clahe_uint8`);
-a SavedModel cannot carry an OpenCV call (FIELD-NOTES, "What a SavedModel cannot
-carry"), so :func:`clahe_tf` re-implements OpenCV's variant of the algorithm
+a SavedModel cannot carry an OpenCV call (only TF ops are serialised), so :func:`clahe_tf` re-implements OpenCV's variant of the algorithm
 (``modules/imgproc/src/clahe.cpp``, the 8-bit CPU path) with plain TF ops, including
 its integer and float32 arithmetic, so a served model sees the same pixels as in
 training. OpenCV's specifics reproduced here:

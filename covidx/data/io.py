@@ -12,20 +12,25 @@ and colour differences between sources are a shortcut a model should not see);
 models that want three channels get the gray plane repeated
 (:func:`to_channels`).
 
-DICOM follows the order of FIELD-NOTES §4 (pydicom does not apply it for you):
+DICOM follows the display pipeline of DICOM PS3.4 (pydicom does not apply it for you):
 modality LUT (rescale slope/intercept) -> VOI LUT or window centre/width ->
 invert MONOCHROME1 (or PresentationLUTShape INVERSE) -> min-max to [0, 255].
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
 DICOM_EXTENSIONS = {".dcm", ".dicom"}
+DEFAULT_MAX_PIXELS = 50_000_000  # about 7000 x 7000: larger than any CR/DX detector
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 (as cv2.COLOR_RGB2GRAY), kept in float here and in decode_bytes_tf
 
 
@@ -153,6 +158,16 @@ def read_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndar
     return fg.astype(np.uint8)
 
 
+def largest_components(mask: np.ndarray, keep: int | None = None, min_area: int = 1) -> np.ndarray:
+    """bool (H, W): the ``keep`` largest 8-connected foreground components of ``mask`` (all when ``None``)
+    with at least ``min_area`` pixels; ties keep the lower label (OpenCV's raster order)."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats((np.asarray(mask) > 0).astype(np.uint8),
+                                                               connectivity=8)
+    areas = stats[1:, cv2.CC_STAT_AREA]  # label 0 is the background
+    order = [i + 1 for i in np.argsort(-areas, kind="stable") if areas[i] >= max(min_area, 1)]
+    return np.isin(labels, order[:keep] if keep else order)
+
+
 def to_channels(gray, channels: int):
     """Repeat a (..., H, W, 1) gray image to ``channels`` (1 or 3). Works on NumPy and TF tensors."""
     if channels == 1:
@@ -164,6 +179,76 @@ def to_channels(gray, channels: int):
     if isinstance(gray, np.ndarray):
         return np.repeat(gray, 3, axis=-1)
     return tf.repeat(gray, 3, axis=-1)
+
+
+def encode_for_serving(path: str | Path) -> bytes:
+    """File bytes for a bytes-only SavedModel signature: PNG/JPEG as they are, DICOM as a 16-bit PNG of its
+    display pixels (the export decodes PNG and JPEG only)."""
+    if not is_dicom(path):
+        return Path(path).read_bytes()
+    img = np.round(read_image(path) * 257.0).astype(np.uint16)
+    return cv2.imencode(".png", img)[1].tobytes()
+
+
+# ---------------------------------------------------------------------------- input files
+
+
+def list_inputs(target: str | Path) -> list[str]:
+    """The images a command was pointed at: a folder (recursively, by extension), a CSV with a ``path``
+    column (relative paths resolved against the CSV's folder) or one file."""
+    p = Path(target)
+    if p.is_dir():
+        return [str(f) for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or folder")
+    if p.suffix.lower() == ".csv":
+        df = pd.read_csv(p, dtype=str, keep_default_na=False)
+        if "path" not in df.columns:
+            raise ValueError(f"{p}: the CSV needs a 'path' column")
+        return [str((p.parent / v) if not Path(v).is_absolute() else v) for v in df["path"]]
+    return [str(p)]
+
+
+def readable(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Split into readable files and (path, reason) of the rest (full decode, in threads)."""
+    def check(path):
+        try:
+            read_image(path)
+            return None
+        except ImageReadError as e:
+            return str(e).split(": ", 1)[-1]
+
+    with ThreadPoolExecutor(4) as pool:
+        reasons = list(pool.map(check, paths))
+    good = [p for p, r in zip(paths, reasons) if r is None]
+    bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
+    return good, bad
+
+
+def unique_stems(paths) -> list[str]:
+    """An output name per input: its file stem, or ``<stem>-<8 hex of sha1(path)>`` for stems that occur more
+    than once. Depends on the path alone, not on which other files come with it, so it can key a cache."""
+    stems = [Path(p).stem for p in paths]
+    counts = Counter(stems)
+    return [s if counts[s] == 1 else f"{s}-{hashlib.sha1(str(p).encode()).hexdigest()[:8]}"
+            for s, p in zip(stems, paths)]
+
+
+def dicom_flags(paths) -> list[bool]:
+    """:func:`is_dicom` per path (the pipeline's ``dicom`` column)."""
+    return [is_dicom(p) for p in paths]
+
+
+def to_gray_array(image) -> np.ndarray:
+    """An array (H, W), (H, W, 1) or RGB (H, W, 3) -> float32 (H, W) gray, RGB weighted by :data:`LUMA`."""
+    a = np.asarray(image, np.float32)
+    if a.ndim == 3 and a.shape[-1] == 3:
+        a = a @ np.asarray(LUMA, np.float32)  # RGB order
+    elif a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim != 2:
+        raise ValueError(f"an image array must be (H, W), (H, W, 1) or (H, W, 3), got {a.shape}")
+    return a
 
 
 # ---------------------------------------------------------------------------- TF side

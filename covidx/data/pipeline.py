@@ -23,7 +23,7 @@ import pandas as pd
 import tensorflow as tf
 
 from covidx.data.augment import geometric_matrix, get_augment, has_photometric, opencv_stage, photometric
-from covidx.data.io import decode_bytes_tf, decode_tf, to_channels
+from covidx.data.io import decode_bytes_tf, decode_tf, dicom_flags, to_channels
 from covidx.data.preprocess import PreprocessConfig, crop_tf, resize_tf
 from covidx.tasks import Task, get_task
 
@@ -86,7 +86,7 @@ def make_dataset(
     size, crop = config.image_size, config.resize == "crop"
 
     paths = table["path"].astype(str).tolist()
-    dicom = table["dicom"].astype(bool).tolist() if "dicom" in table else [p.lower().endswith((".dcm", ".dicom")) for p in paths]
+    dicom = table["dicom"].astype(bool).tolist() if "dicom" in table else dicom_flags(paths)
     labels = table["label_index"].astype(int).tolist()
     target_masks = (table[task.mask_column].astype(str).tolist() if segmentation else [""] * len(paths))
     lung = table["mask_path"].astype(str).tolist() if lung_masks else [""] * len(paths)

@@ -1,7 +1,7 @@
 """The one preprocessing definition shared by training, evaluation, predict and export.
 
 :class:`PreprocessConfig` is written into every run's ``config.json``; whatever
-reads a checkpoint rebuilds the same preprocessing from it (FIELD-NOTES §1).
+reads a checkpoint rebuilds the same preprocessing from it, so training and inference cannot drift apart.
 Order: decode to gray -> resize (``stretch``, or ``crop``: short side to size then
 a centre crop, a random one in training) -> CLAHE (with probability
 ``clahe_prob`` in training, always when ``clahe_inference``) -> augmentation
@@ -46,6 +46,15 @@ class PreprocessConfig:
     def from_dict(cls, d: dict) -> "PreprocessConfig":
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in fields})
+
+    @classmethod
+    def for_model(cls, model) -> "PreprocessConfig":
+        """What a bare model (no run folder, no ``config.json``) expects at inference: ``stretch`` to its
+        square input size, its channels, no CLAHE. A run's own configuration always wins over this."""
+        _, h, w, c = model.inputs[0].shape
+        if h is None or w is None or h != w:
+            raise ValueError(f"{model.name}: input {h}x{w} has no fixed square size; pass its PreprocessConfig")
+        return cls(image_size=int(h), channels=int(c))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

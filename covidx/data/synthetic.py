@@ -60,6 +60,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from covidx.data.io import largest_components
+
 __all__ = [
     "SYNTHETIC_FINDINGS", "SyntheticXray", "make_anatomy", "generate_xray", "draw_marker", "write_dataset", "main",
 ]
@@ -192,15 +194,6 @@ def _blur(img: np.ndarray, sigma_px: float) -> np.ndarray:
 def _lift(att: np.ndarray, weight: np.ndarray, level) -> np.ndarray:
     """Raise ``att`` towards ``level`` where ``weight`` is 1: a solid organ hides what lies behind it."""
     return att + weight * np.clip(level - att, 0.0, None)
-
-
-def _largest_components(mask: np.ndarray, keep: int = 1) -> np.ndarray:
-    """``mask`` reduced to its ``keep`` largest 8-connected components."""
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    if n <= keep + 1:
-        return mask
-    largest = 1 + np.argsort(-stats[1:, cv2.CC_STAT_AREA])[:keep]
-    return np.isin(labels, largest).astype(np.uint8)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -571,7 +564,7 @@ def generate_xray(
     lung_fields = {side: _fill(size, _lung_outline(a, side)) for side in (-1, 1)}
     heart = _fill(size, _heart_outline(a))
     # Lung masks exclude the heart (as JSRT / V7 masks do); a sliver cut off below it is dropped.
-    lungs = {side: _largest_components(lung_fields[side] & (1 - heart)) for side in (-1, 1)}
+    lungs = {side: largest_components(lung_fields[side] & (1 - heart), 1).astype(np.uint8) for side in (-1, 1)}
     lung_any = lung_fields[-1] | lung_fields[1]
     body_soft = _blur(body, 0.02 * size)
 
@@ -622,7 +615,7 @@ def generate_xray(
     pose = _pose_matrix(a, size)
     att = cv2.warpAffine(att, pose, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     lung_mask = cv2.warpAffine(lungs[-1] | lungs[1], pose, (size, size), flags=cv2.INTER_NEAREST)
-    lung_mask = _largest_components(lung_mask, keep=2)  # resampling can strand a pixel of a sharp angle
+    lung_mask = largest_components(lung_mask, 2).astype(np.uint8)  # resampling can strand a pixel of a sharp angle
     lesion_mask = cv2.warpAffine(lesion.astype(np.uint8), pose, (size, size), flags=cv2.INTER_NEAREST)
     lesion_mask &= lung_mask
     image = _to_grey(att, film_rng, size)

@@ -2,7 +2,7 @@
 
 COVID-19 classifiers trained on images from different sources learn the
 source (text, markers, positioning) instead of the disease (DeGrave, Janizek &
-Lee, Nat. Mach. Intell. 2021; FIELD-NOTES item 2). The cascade paper saw a
+Lee, Nat. Mach. Intell. 2021). The cascade paper saw a
 network converge on the label area of the radiographs (Cascade-SEMEnet,
 Fig. 13) and answered with lung masking (Regional Learning). This module turns
 "look at the Grad-CAM" into a number per image and per class, so that a class

@@ -17,8 +17,8 @@ The exp(S_c) factor is a positive constant per image; it cancels in the
 per-image normalisation, so it is left out (it also overflows for large logits).
 
 Both are used by the cascade paper (Cascade-SEMEnet, Sec. 3.3, Figs. 11, 13, 16)
-to show where the network looks; FIELD-NOTES item 2 explains why this matters
-for COVID-19 models (shortcut learning) and :mod:`covidx.explain.audit` turns the
+to show where the network looks; it matters for COVID-19 models because they learn
+shortcuts (DeGrave, Janizek & Lee, Nat. Mach. Intell. 2021) and :mod:`covidx.explain.audit` turns the
 heatmaps into a number.
 
 Implementation notes
@@ -37,8 +37,7 @@ Implementation notes
   convention, :mod:`covidx.models.baseline`) get one feature model
   ``keras.Model(model.inputs, [layer.output, ..., model.output])``.
 * A backbone nested as a sub-model cannot be reached that way ("Graph
-  disconnected" / "Output ... is not connected to inputs", FIELD-NOTES
-  item 5). For those the stored graph of the outer model is executed node by
+  disconnected" / "Output ... is not connected to inputs" in Keras 3). For those the stored graph of the outer model is executed node by
   node, descending into the nested model's own graph, so the feature map and
   the final output come from one and the same forward pass. Nothing is
   rebuilt or cloned, so this also works on a model reloaded from ``.keras``.

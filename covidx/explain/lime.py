@@ -15,7 +15,7 @@ fit; this module supplies what radiographs need:
   on a synthetic radiograph). ``sigma`` smooths film grain before clustering.
   Quickshift stays available (``segmentation="quickshift"``).
 * **Cost.** One forward pass per sample in chunks of ``batch_size``
-  (FIELD-NOTES item 10: lime's default of 10 is far too small).
+  (lime's default of 10 leaves the CPU mostly idle between tiny forward passes).
 * **Channels.** lime works on RGB; perturbed images are turned back into the
   model's channel count (the mean of the three identical channels for a
   1-channel model) before prediction. Pixels stay in [0, 255], the range every

@@ -12,7 +12,7 @@ masks can still be brought in (:func:`import_masks`). Both write the ``masks`` l
 trains the paper's FC-DenseNet103 on them.
 
 Automatic masks inherit everything Grad-CAM gets wrong (coarse 7x7 maps, shortcut
-features: FIELD-NOTES item 2); restricting them to a lung mask (``lung_mask=``) removes the
+features the network learned instead of the disease); restricting them to a lung mask (``lung_mask=``) removes the
 grossest failures (text markers, borders), and they deserve a look before training.
 """
 
@@ -25,12 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
+import keras
 import numpy as np
 import pandas as pd
 
-from covidx.data.io import IMAGE_EXTENSIONS, ImageReadError, read_image
+from covidx.data.io import IMAGE_EXTENSIONS, ImageReadError, largest_components, read_image, unique_stems
+from covidx.data.pipeline import make_dataset
+from covidx.data.preprocess import PreprocessConfig
+from covidx.explain.ensemble import ensemble_gradcam
+from covidx.explain.gradcam import GradCAM
 from covidx.explain.overlay import save_png
-
+from covidx.models.ensemble import branch_names
+from covidx.runs import Run, load_run
+from covidx.tasks import TASKS
 
 
 # ---------------------------------------------------------------------------
@@ -79,12 +86,7 @@ def heatmap_to_mask(
         if lung.shape != mask.shape:
             lung = cv2.resize(lung.astype(np.uint8), (mask.shape[1], mask.shape[0]), interpolation=cv2.INTER_NEAREST)
         mask &= lung > 0
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    areas = stats[1:, cv2.CC_STAT_AREA]  # label 0 is the background
-    order = [i + 1 for i in np.argsort(-areas, kind="stable") if areas[i] >= max(min_area, 1)]
-    if keep_components:
-        order = order[:keep_components]
-    return np.isin(labels, order) if order else np.zeros(mask.shape, bool)
+    return largest_components(mask, keep_components or None, min_area)
 
 
 # ---------------------------------------------------------------------------
@@ -94,11 +96,6 @@ def heatmap_to_mask(
 
 def _resolve_run(run_or_model, preprocess=None, class_names=None):
     """(model, PreprocessConfig, class names, task name) from a Run, a run path or a keras.Model."""
-    import keras
-
-    from covidx.data.preprocess import PreprocessConfig
-    from covidx.runs import Run, load_run
-
     if isinstance(run_or_model, (str, os.PathLike)):
         run_or_model = load_run(run_or_model)
     if isinstance(run_or_model, Run):
@@ -107,12 +104,9 @@ def _resolve_run(run_or_model, preprocess=None, class_names=None):
     if not isinstance(run_or_model, keras.Model):
         raise TypeError(f"expected a Run, a run directory / .keras path or a keras.Model, got {type(run_or_model)}")
     model = run_or_model
-    shape = model.inputs[0].shape
-    config = preprocess or PreprocessConfig(image_size=int(shape[1]), channels=int(shape[-1]))
+    config = preprocess or PreprocessConfig.for_model(model)
     k = int(model.outputs[0].shape[-1])
     if class_names is None:
-        from covidx.tasks import TASKS
-
         if k != TASKS["3class"].num_classes:
             raise ValueError(f"a bare model with {k} outputs needs class_names=")
         class_names = TASKS["3class"].classes
@@ -121,26 +115,11 @@ def _resolve_run(run_or_model, preprocess=None, class_names=None):
 
 def _explain(model, images, class_index, layer=None, combine="weighted"):
     """(heatmaps (N, S, S), probabilities (N, K)): ensemble Grad-CAM for ensembles, else plain Grad-CAM."""
-    from covidx.models.ensemble import branch_names, ensemble_gradcam
-
     if layer is None and branch_names(model):
         r = ensemble_gradcam(model, images, class_index=class_index, combine=combine)
         return r.heatmap, r.probabilities
-    from covidx.explain.gradcam import GradCAM
-
     r = GradCAM(model, layer).explain(images, class_index=class_index)
     return r.heatmaps, r.probabilities
-
-
-def _unique_stems(paths: Sequence[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for p in paths:
-        stem = Path(p).stem
-        n = seen.get(stem, 0)
-        seen[stem] = n + 1
-        out.append(stem if n == 0 else f"{stem}_{n}")
-    return out
 
 
 def _place_image(src: Path, dst_dir: Path, stem: str, symlink: bool) -> Path:
@@ -202,9 +181,6 @@ def write_gradcam_masks(
     Returns:
         The manifest as a DataFrame.
     """
-    from covidx.data import make_dataset
-    from covidx.tasks import TASKS
-
     model, config, names, task_name = _resolve_run(run_or_model, preprocess, class_names)
     unknown = [c for c in classes if c not in names]
     if unknown:
@@ -231,7 +207,7 @@ def write_gradcam_masks(
     img_dir, lesion_dir = out / "images", out / "lesions"
     img_dir.mkdir(parents=True, exist_ok=True)
     lesion_dir.mkdir(parents=True, exist_ok=True)
-    stems = _unique_stems(rows["path"].tolist())
+    stems = unique_stems(rows["path"].tolist())
     ds = make_dataset(rows, task, config, batch_size=batch_size, lung_masks=use_lungs, cache=False,
                       ignore_errors=False)
     records, start = [], 0

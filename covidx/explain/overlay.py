@@ -29,6 +29,28 @@ def as_rgb_uint8(image) -> np.ndarray:
     return np.clip(np.rint(img.astype(np.float64)), 0, 255).astype(np.uint8)
 
 
+def display_gray(x) -> np.ndarray:
+    """A model input (S, S, C) in [0, 255] (or a 2-D image) as a uint8 gray image: the first channel
+    (covidx's channels are the gray plane repeated)."""
+    a = np.asarray(x)
+    return np.clip(a[..., 0] if a.ndim == 3 else a, 0, 255).astype(np.uint8)
+
+
+RED = (255, 0, 0)
+
+
+def overlay_mask(image, mask, color=RED, alpha: float = 0.4) -> np.ndarray:
+    """(H, W, 3) uint8: ``image`` with ``color`` blended at ``alpha`` where ``mask`` is set (ensemble paper
+    Fig. 10: the lesion mask superimposed on the radiograph)."""
+    base = as_rgb_uint8(image).astype(np.float64)
+    m = np.asarray(mask, bool)
+    if m.shape != base.shape[:2]:
+        raise ValueError(f"mask shape {m.shape} does not match image {base.shape[:2]}")
+    out = base.copy()
+    out[m] = (1.0 - alpha) * base[m] + alpha * np.asarray(color, np.float64)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def colorize(heatmap, colormap: str = "jet") -> np.ndarray:
     """(H, W, 3) uint8 RGB rendering of a [0, 1] heatmap with a matplotlib colormap."""
     cmap = matplotlib.colormaps[colormap]

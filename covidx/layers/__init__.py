@@ -1,8 +1,9 @@
 """Custom Keras layers, each serializable (``covidx>`` package in the Keras registry)."""
 
 from covidx.layers.attention import AttentionPooling, MultiscaleAttention
+from covidx.layers.cascade import CascadeGate, LungMasking
 from covidx.layers.moex import MomentExchange
 from covidx.layers.normalization import ImageNormalization
 from covidx.layers.squeeze_excite import SqueezeExcite
 
-__all__ = ["AttentionPooling", "ImageNormalization", "MomentExchange", "MultiscaleAttention", "SqueezeExcite"]
+__all__ = ["AttentionPooling", "CascadeGate", "LungMasking", "ImageNormalization", "MomentExchange", "MultiscaleAttention", "SqueezeExcite"]

@@ -69,7 +69,7 @@ class MomentExchange(keras.layers.Layer):
 
     Defaults follow the official ImageNet run scripts (``run_moex_resnet.sh``,
     ``run_moex_densenet.sh``): ``p = 1.0``, ``λ = 0.9``, PONO, ``eps = 1e-5``. The
-    Cascade-SEME papers do not state p or λ (SPEC §c).
+    Cascade-SEME papers do not state p or λ (Med Phys 2021 §4.C names MoEx only).
 
     Args:
         probability: chance ``p`` that a training batch is MoEx'ed.

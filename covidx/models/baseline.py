@@ -4,7 +4,7 @@ These are the reference points every paper model is compared with, and the
 default model of ``python -m covidx.train``. The backbone is built on the outer
 input tensor (``input_tensor=``) rather than nested as a sub-model, so its
 layers are part of one flat graph and Grad-CAM can reach any of them
-(FIELD-NOTES: nested backbones break ``keras.Model(inputs, layer.output)``).
+(a nested backbone breaks ``keras.Model(inputs, layer.output)`` in Keras 3).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ name                   head     SE   MoEx  paper
 ``seme-densenet169``   GAP       x    x    M10/M14 "SEME-DenseNet169", the cascade's stage 2
 =====================  =======  ===  ====  ==================================================
 
-Architecture (SPEC §c; layout and layer names of ``keras.applications.DenseNet169``):
+Architecture (Med Phys 2021 §4.B; layout and layer names of ``keras.applications.DenseNet169``):
 7x7/2 stem conv (64, no bias) -> BN -> ReLU -> 3x3/2 max-pool; dense blocks of (6, 12, 32, 32)
 BN-ReLU-1x1 conv (bn_size 4 x growth 32) -> BN-ReLU-3x3 conv (growth 32) layers whose outputs
 are concatenated; transitions BN-ReLU-1x1 conv (compression 0.5)-2x2 average pool; final
@@ -28,7 +28,7 @@ of all features of a resolution, the analogue of SE-ResNet's SE before the resid
 addition; (2) the excitation sees 256 / 512 / 1280 / 1664 channels, whereas SE on each dense
 layer's 32 new maps would be a degenerate 32 -> 2 -> 32 gate; (3) it costs +595,816
 parameters (+4 %), against +8.9 M (+63 %) for an SE on the growing concatenation after
-every dense layer (SPEC §c options). The preprint notes that SE barely sped DenseNet169's
+every dense layer. The preprint notes that SE barely sped DenseNet169's
 convergence "because of the large number of channel fusions" (§4.1), consistent with an SE
 on the fused block outputs.
 

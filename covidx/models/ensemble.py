@@ -3,21 +3,21 @@
 Reference:
     Hasan, Alom, Ali, "Deep Learning based Detection and Segmentation of COVID-19 &
     Pneumonia on Chest X-ray Image" (ICICT4SD 2021), Sec. III-A, Fig. 3, Table II.
-    SPEC §(a).
 
-Structure (Sec. III-A, Fig. 3; SPEC §a): one image input, three keras.applications
+Structure (Sec. III-A, Fig. 3): one image input, three keras.applications
 backbones without their ImageNet tops, each global-average pooled, the three feature
 vectors concatenated (512 + 1024 + 1280 = 2816) and classified by a softmax layer over
 COVID-19 / pneumonia / normal. With a bare ``Dense(3)`` head the model has 31,119,910
-parameters (SPEC §0/§a).
+parameters (keras.applications' notop counts 20,024,384 + 7,037,504 + 4,049,571, plus 8,451).
 
 Design choices:
 
 * **One flat graph.** Every backbone is built on the outer graph (``input_tensor=``)
   behind its own preprocessing branch, not nested as a sub-model, so Grad-CAM can reach
-  each backbone's last feature map, also after a ``.keras`` reload (FIELD-NOTES item 5).
+  each backbone's last feature map, also after a ``.keras`` reload (a nested
+  sub-model's inner layers are not connected to the outer input in Keras 3).
 * **Per-branch preprocessing.** The input is float pixels in [0, 255]; each branch
-  applies what its ImageNet weights expect (SPEC §0): ``caffe`` for VGG19, ``imagenet``
+  applies what its ImageNet weights expect (keras.applications' ``preprocess_input``): ``caffe`` for VGG19, ``imagenet``
   (keras "torch") for DenseNet121 and none for EfficientNetB0, which normalises inside
   its own graph. The outer ``normalization`` argument of the registry is therefore ignored.
 * **Unique, self-describing names.** keras.applications layer names do not collide
@@ -54,7 +54,7 @@ import numpy as np
 from covidx.layers import ImageNormalization
 from covidx.models.baseline import efficientnet_std_fix
 from covidx.models.registry import Preset, register_model
-from covidx.weights import WeightsNotFoundError, resolve_weights
+from covidx.weights import WeightsNotFoundError, read_legacy_h5, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -194,22 +194,6 @@ def freeze_backbones(model: keras.Model, freeze) -> FreezeReport:
 # ---------------------------------------------------------------------------
 
 
-def _legacy_h5_layers(path: str) -> list[list[np.ndarray]]:
-    """Weight arrays of each layer with weights in a legacy Keras ``.h5`` file, in saved order."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        group = f["model_weights"] if "layer_names" not in f.attrs and "model_weights" in f else f
-        out = []
-        for name in group.attrs["layer_names"]:
-            name = name.decode() if isinstance(name, bytes) else name
-            g = group[name]
-            arrays = [np.asarray(g[w.decode() if isinstance(w, bytes) else w]) for w in g.attrs["weight_names"]]
-            if arrays:
-                out.append(arrays)
-        return out
-
-
 def load_backbone_weights(backbone: keras.Model, path: str, branch: str) -> int:
     """Load a backbone weights file into ``backbone``; returns the number of trailing layers ignored.
 
@@ -223,7 +207,7 @@ def load_backbone_weights(backbone: keras.Model, path: str, branch: str) -> int:
     if not str(path).endswith((".h5", ".hdf5")) or str(path).endswith(".weights.h5"):
         backbone.load_weights(path)
         return 0
-    saved = _legacy_h5_layers(path)
+    saved = [arrays for _, arrays in read_legacy_h5(path)]
     if len(saved) < len(layers):
         raise ValueError(f"{path} holds {len(saved)} layers with weights, the {branch} backbone needs {len(layers)}")
     for layer, arrays in zip(layers, saved):
@@ -339,115 +323,6 @@ def build_ensemble(
     report = freeze_backbones(model, rule)
     log.info("ensemble %s", report.summary())
     return model
-
-
-def features_model(model: keras.Model) -> keras.Model:
-    """The concatenated GAP features (B, 2816) of an ensemble, sharing its layers."""
-    layer = model.get_layer(FEATURES_LAYER) if FEATURES_LAYER in {l.name for l in model.layers} else \
-        model.get_layer(f"{branch_names(model)[0]}_gap")
-    return keras.Model(model.input, layer.output, name=f"{model.name}_features")
-
-
-# ---------------------------------------------------------------------------
-# Grad-CAM over the three branches (Sec. III-B, Fig. 4)
-# ---------------------------------------------------------------------------
-
-
-def branch_contributions(model: keras.Model, images, class_index) -> np.ndarray:
-    """(N, branches) contribution of each branch's features to the explained class logit.
-
-    Gradient x input on the concatenated features f: ``sum_{j in branch} f_j dS_c/df_j``.
-    For a bare Dense head the logit is ``S_c = w_c . f + b_c``, so this is exactly
-    ``sum_{j in branch} w_cj f_j``, the part of the logit each backbone supplies; with a
-    hidden layer it is the first-order (Taylor) share. Dropout is inactive at inference.
-    """
-    import tensorflow as tf
-
-    x = tf.convert_to_tensor(np.asarray(images, np.float32))
-    f = features_model(model)(x, training=False)
-    head = [model.get_layer(n) for n in HEAD_LAYERS if n in {l.name for l in model.layers}]
-    classes = tf.constant(np.broadcast_to(np.asarray(class_index, np.int64), (x.shape[0],)))
-    with tf.GradientTape() as tape:
-        tape.watch(f)
-        h = f
-        for layer in head[:-1]:
-            h = layer(h, training=False)
-        dense = head[-1]
-        logits = tf.matmul(tf.cast(h, tf.float32), tf.cast(dense.kernel, tf.float32)) + tf.cast(dense.bias, tf.float32)
-        score = tf.reduce_sum(tf.gather(logits, classes, batch_dims=1))
-    share = (tape.gradient(score, f) * f).numpy()
-    bounds = np.cumsum([0] + list(branch_widths(model).values()))
-    return np.stack([share[:, a:b].sum(axis=1) for a, b in zip(bounds[:-1], bounds[1:])], axis=1)
-
-
-@dataclass
-class EnsembleGradCAM:
-    """Combined and per-branch Grad-CAM of the ensemble.
-
-    Attributes:
-        heatmap: (N, H, W) combined heatmap in [0, 1] at the input size.
-        branch_heatmaps: branch -> (N, H, W) heatmap in [0, 1].
-        weights: (N, branches) weights used to combine (rows sum to 1).
-        contributions: (N, branches) branch shares of the class logit (see :func:`branch_contributions`).
-        class_indices: (N,) explained class; probabilities: (N, K).
-    """
-
-    heatmap: np.ndarray
-    branch_heatmaps: dict[str, np.ndarray]
-    weights: np.ndarray
-    contributions: np.ndarray
-    class_indices: np.ndarray
-    probabilities: np.ndarray
-
-
-def ensemble_gradcam(model: keras.Model, images, class_index=None, combine: str = "weighted",
-                     layers: Mapping[str, str] | None = None) -> EnsembleGradCAM:
-    """Grad-CAM from each backbone's last feature map, combined into one heatmap.
-
-    Every branch heatmap (Selvaraju et al., Eqs. 1-2; one forward pass and one tape for all
-    branches, :func:`covidx.explain.gradcam.gradcam_for_layers`, on the model as built or
-    reloaded: the branches are part of the flat graph) is upsampled to the input and
-    normalised to max 1. They are combined by
-
-    * ``"mean"``: the plain average;
-    * ``"weighted"``: weights proportional to each branch's share of the class logit,
-      ``sum_{j in branch} w_cj f_j`` for a bare Dense head. Why this is meaningful: with
-      GAP, ``f_j`` is the spatial mean of channel ``j``, and Grad-CAM's channel weight is
-      ``w_cj / (hw)``, so each branch's un-ReLU'd CAM integrates to exactly its share of the
-      logit. Weighting the normalised maps by the shares lets a branch that hardly moves
-      the decision contribute hardly anything to the picture, where the mean would give
-      an uninformative branch a third of it. Negative shares (a branch arguing against the
-      class) get weight 0; if no share is positive the mean is used.
-
-    Args:
-        model: an ensemble (:func:`build_ensemble`) or a reload of one.
-        images: (N, H, W, 3) float pixels in [0, 255] (or one image).
-        class_index: ``None`` (predicted class), an int or one int per image.
-        combine: ``"weighted"`` or ``"mean"``.
-        layers: branch -> target layer; default :data:`ENSEMBLE_GRADCAM_LAYERS`.
-    """
-    from covidx.explain.gradcam import combine_heatmaps, gradcam_for_layers
-
-    if combine not in ("weighted", "mean"):
-        raise ValueError(f"combine must be 'weighted' or 'mean', got {combine!r}")
-    x = np.asarray(images, np.float32)
-    x = x[None] if x.ndim == 3 else x
-    branches = branch_names(model)
-    targets = {b: (layers or ENSEMBLE_GRADCAM_LAYERS)[b] for b in branches}
-    results = gradcam_for_layers(model, x, list(targets.values()), class_index=class_index)
-    per_branch = {b: results[targets[b]].heatmaps for b in branches}
-    first = results[targets[branches[0]]]
-    classes, probabilities = first.class_indices, first.probabilities
-    contributions = branch_contributions(model, x, classes)
-    n, k = len(x), len(branches)
-    if combine == "mean":
-        weights = np.full((n, k), 1.0 / k)
-    else:
-        positive = np.maximum(contributions, 0.0)
-        total = positive.sum(axis=1, keepdims=True)
-        weights = np.where(total > 0, positive / np.where(total > 0, total, 1.0), 1.0 / k)
-    heatmap = np.stack([combine_heatmaps([per_branch[b][i] for b in branches], weights[i]) for i in range(n)])
-    return EnsembleGradCAM(heatmap, per_branch, weights, contributions, classes, probabilities)
 
 
 # ---------------------------------------------------------------------------

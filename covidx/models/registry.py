@@ -10,6 +10,10 @@ Builder contract: ``builder(num_classes, input_shape, weights, normalization,
 **kwargs) -> keras.Model``, where ``input_shape`` is ``(H, W, C)`` and the model
 takes float pixels in [0, 255] and normalises them itself
 (:class:`covidx.layers.ImageNormalization`).
+
+Importing this module imports the package ``covidx.models`` first (Python imports a parent
+package before its modules), and the package imports every architecture module, so the registry
+is complete whenever :func:`get_spec` can be called.
 """
 
 from __future__ import annotations
@@ -95,18 +99,11 @@ def register_model(
     return decorator
 
 
-def _ensure_loaded():
-    # Importing the package registers every architecture module.
-    import covidx.models  # noqa: F401
-
-
 def list_models() -> list[str]:
-    _ensure_loaded()
     return sorted(_REGISTRY)
 
 
 def get_spec(name: str) -> ModelSpec:
-    _ensure_loaded()
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -12,7 +12,7 @@ name               head     SE  MoEx  paper
 ``seme-resnet50``  GAP      x   x     M9/M13 "SEME-ResNet50", the cascade's stage 1 (§4)
 =================  =======  ==  ====  ===============================================
 
-Architecture choices (SPEC §0, §c):
+Architecture choices (Med Phys 2021 §4.B, §5.A):
 
 * Layout of ``keras.applications.ResNet50`` (v1): 7x7/2 stem conv, BN, ReLU, 3x3/2 max-pool,
   bottleneck stages (3, 4, 6, 3) of widths 64..512 (x4 expansion), projection shortcut in
@@ -23,7 +23,7 @@ Architecture choices (SPEC §0, §c):
   (He-uniform, GAP/flatten heads) is Keras', and with this layout the GAP variant with a
   1000-way head has exactly ``keras.applications.ResNet50(weights=None)``'s 25,636,712
   parameters. The conv biases add 79,680 parameters to the Caffe/torch counts (SE-ResNet50
-  1000-way: 28,167,704 here vs SPEC's 28,088,024 bias-free).
+  1000-way: 28,167,704 here vs the bias-free SENet layout's 28,088,024).
 * He-uniform initialisation of every kernel (paper §5.A), no ImageNet weights by default.
 * SE (r = 16, biased FCs) on the residual branch after its last BN, before the addition
   (SENet §"SE-ResNet"; "SE between the fusion layers", §4.B).
@@ -48,7 +48,7 @@ import keras
 from covidx.layers import ImageNormalization, SqueezeExcite
 from covidx.layers.moex import MomentExchange
 from covidx.models.registry import Preset, register_model
-from covidx.weights import resolve_weights
+from covidx.weights import read_legacy_h5, resolve_weights
 
 KERNEL_INIT = "he_uniform"  # paper §5.A: W ~ U(-sqrt(6/n_in), sqrt(6/n_in))
 BN_EPSILON = 1.001e-5  # keras.applications ResNet / DenseNet
@@ -150,23 +150,11 @@ def load_legacy_h5_by_name(model: keras.Model, path: str) -> list[str]:
     file layer absent from ``model`` or of another shape raises, so nothing loads silently
     half-way. Returns the names of the loaded layers.
     """
-    import h5py
-    import numpy as np
-
-    def text(v):
-        return v.decode("utf8") if isinstance(v, bytes) else str(v)
-
     loaded = []
-    with h5py.File(path, "r") as f:
-        if "layer_names" not in f.attrs and "model_weights" in f:
-            f = f["model_weights"]
-        for file_name in map(text, f.attrs["layer_names"]):
-            group = f[file_name]
-            weight_names = [text(w) for w in group.attrs.get("weight_names", [])]
-            if weight_names:
-                layer = model.get_layer(file_name.replace("/", "_"))
-                layer.set_weights([np.asarray(group[w]) for w in weight_names])
-                loaded.append(layer.name)
+    for file_name, arrays in read_legacy_h5(path):
+        layer = model.get_layer(file_name.replace("/", "_"))
+        layer.set_weights(arrays)
+        loaded.append(layer.name)
     return loaded
 
 

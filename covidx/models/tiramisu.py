@@ -7,7 +7,7 @@ Reference:
     DenseNet103" for COVID-19 / pneumonia lesion masks in the ensemble paper (Sec. III-C,
     Table II).
 
-Structure (Tiramisu Sec. 3, Table 1 and Fig. 1; SPEC §e):
+Structure (Tiramisu Sec. 3, Table 1 and Fig. 1):
 
 * first layer: 3x3 conv, 48 filters, bias, linear;
 * dense layer: BN -> ReLU -> 3x3 conv (``growth_rate`` filters, bias) -> dropout 0.2;

@@ -10,7 +10,7 @@ Reference:
     Ronneberger, Fischer, Brox, "U-Net", MICCAI 2015 (the paper's ref. [8]).
 
 The paper gives no layer table, so the network is Ronneberger's U-Net with the two
-choices that current lung-mask U-Nets make (SPEC §e, IlliaOvcharenko/lung-segmentation):
+choices that current lung-mask U-Nets make (e.g. IlliaOvcharenko/lung-segmentation):
 BatchNorm after every 3x3 conv and 'same' padding (output size = input size, no cropping).
 
 * encoder: blocks of two (3x3 conv -> BN -> ReLU), widths 64, 128, 256, 512, 2x2 max-pool
@@ -20,8 +20,8 @@ BatchNorm after every 3x3 conv and 'same' padding (output size = input size, no 
 * head: 1x1 conv to the classes -> per-pixel softmax.
 
 Parameter count (1 channel, 2 classes): 31,042,434 trainable + 11,776 BN statistics, the
-size of Ronneberger's U-Net (31.0M) plus BN. The SPEC's vanilla lung U-Net reference
-(21,986,434) is smaller because it upsamples by interpolation (no weights; the four
+size of Ronneberger's U-Net (31.0M) plus BN. A common vanilla lung U-Net
+(21,986,434 parameters) is smaller because it upsamples by interpolation (no weights; the four
 transposed convolutions here hold 2,786,240), its centre block narrows back to 512 (1024 -> 512
 instead of 1024 -> 1024: 4.7M fewer) and each decoder block halves its width in its second conv
 (1024 -> 512 -> 256, ...) where Ronneberger keeps it (1024 -> 512 -> 512, ...).

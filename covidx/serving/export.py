@@ -27,10 +27,9 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from covidx.data.inference import preprocess_bytes
+from covidx.data.io import DEFAULT_MAX_PIXELS
 from covidx.runs import Run, load_run
-from covidx.serving.preprocess import preprocess_bytes
-
-DEFAULT_MAX_PIXELS = 50_000_000  # about 7000 x 7000: larger than any CR/DX detector
 
 
 def next_version(base: Path) -> int:
@@ -39,8 +38,7 @@ def next_version(base: Path) -> int:
 
 
 def serving_name(run: Run) -> str:
-    name = run.config.get("model") or run.model.name
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", run.name)
 
 
 def build_archive(run: Run, max_pixels: int = DEFAULT_MAX_PIXELS) -> keras.export.ExportArchive:
@@ -102,4 +100,4 @@ def export(checkpoint, out_dir, version: int | None = None, max_pixels: int = DE
     """Export a run (or ``.keras`` file) to ``out_dir/<name>/<version>/``; returns that version folder."""
     run = load_run(checkpoint)
     return write_version(build_archive(run, max_pixels), out_dir, name or serving_name(run), version,
-                         {**run.config, "max_pixels": max_pixels})
+                         {**run.config.to_dict(), "max_pixels": max_pixels})

@@ -1,34 +1,39 @@
-"""``python -m covidx.explain``: overlays for any checkpoint, and the helpers ``predict`` and ``evaluate`` use.
+"""Explaining a trained run: its inputs, Grad-CAM / attention / LIME heatmaps, overlay files, the shortcut audit.
 
-``--method gradcam | gradcam++`` (any classifier; the target layer is the model's
-registered ``gradcam_layer`` unless ``--layer`` names one), ``lime`` (SE-DPN Fig. 7:
-positive superpixels red, negative blue) or ``attention`` (MAG-SD: the mean attention
-map, its thresholded localisation mask and box). Overlays are drawn on the image as
-the model saw it (after the run's preprocessing). One PNG per image, and a contact
-sheet for a folder.
+``gradcam`` / ``gradcam++`` (any classifier; the target layer is the model's registered
+``gradcam_layer``, or the last 4-D layer), ``lime`` (SE-DPN Fig. 7: positive superpixels red,
+negative blue) or ``attention`` (MAG-SD §4.4.6: the mean attention map, its thresholded
+localisation mask and box). Overlays are drawn on the image as the model saw it (after the run's
+preprocessing). ``python -m covidx.explain`` is the command line over these.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
+
+from covidx.data.pipeline import make_dataset
+from covidx.explain.audit import DEFAULT_MIN_ENRICHMENT, shortcut_audit
+from covidx.explain.ensemble import ensemble_gradcam
+from covidx.explain.gradcam import GradCAM, iter_layers
+from covidx.explain.lime import explain_lime, render_lime
+from covidx.explain.localization import localize
+from covidx.explain.overlay import contact_sheet, display_gray, overlay_heatmap, save_png
+from covidx.models import get_spec
+from covidx.models.magsd import attention_view
+from covidx.tasks import TASKS
 
 METHODS = ("gradcam", "gradcam++", "lime", "attention")
 
 
 def model_inputs(run, paths, batch_size=16):
     """The preprocessed model inputs for ``paths`` (float32 [0, 255]), in order."""
-    from covidx.data import make_dataset
-    from covidx.tasks import TASKS
-
     table = pd.DataFrame(dict(path=list(paths), label_index=0, mask_path="", lesion_path=""))
-    table["dicom"] = [p.lower().endswith((".dcm", ".dicom")) for p in table["path"]]
     task = TASKS.get(run.task, TASKS["4class"])
     ds = make_dataset(table, task, run.preprocess, batch_size=batch_size, cache=False, ignore_errors=False)
     return np.concatenate([x.numpy() for x, _, _ in ds])
@@ -39,9 +44,6 @@ def registered_layer(model, model_name: str):
     4-D layer, found by :func:`covidx.explain.gradcam.find_target_layer`): reduced copies built with other
     block counts (``model_kwargs``) name their last block differently, and models covidx did not register
     have no entry."""
-    from covidx.explain.gradcam import iter_layers
-    from covidx.models import get_spec
-
     try:
         name = get_spec(model_name).gradcam_layer
     except ValueError:
@@ -50,17 +52,13 @@ def registered_layer(model, model_name: str):
 
 
 def gradcam_layer(run, layer=None):
-    return layer or registered_layer(run.model, run.config.get("model", ""))
+    return layer or registered_layer(run.model, run.config.model)
 
 
 def gradcam_heatmaps(run, images, method="gradcam", layer=None, class_index=None, batch_size=16):
     """(heatmaps (N, H, W) in [0, 1], explained class per image)."""
-    from covidx.explain.gradcam import GradCAM
-
-    if run.config.get("model") == "ensemble" and not layer and method == "gradcam":
+    if run.config.model == "ensemble" and not layer and method == "gradcam":
         # One heatmap per backbone, combined by each branch's share of the class logit.
-        from covidx.models.ensemble import ensemble_gradcam
-
         def explain(batch):
             res = ensemble_gradcam(run.model, batch, class_index)
             return res.heatmap, res.class_indices
@@ -80,9 +78,6 @@ def gradcam_heatmaps(run, images, method="gradcam", layer=None, class_index=None
 
 def attention_heatmaps(run, images, threshold=0.5):
     """MAG-SD attention: (maps (N, H, W) in [0, 1], masks, boxes [y0, x0, y1, x1))."""
-    from covidx.models.magsd import attention_view
-    from covidx.training.magsd import localize
-
     try:
         view = attention_view(run.model)
     except (ValueError, KeyError) as e:
@@ -93,17 +88,9 @@ def attention_heatmaps(run, images, threshold=0.5):
     return maps / np.where(peak > 0, peak, 1.0), masks, boxes
 
 
-def _display(image):
-    return np.clip(image[..., 0] if image.shape[-1] in (1, 3) else image, 0, 255).astype(np.uint8)
-
-
 def write_overlays(run, paths, method, folder, batch_size=16, layer=None, class_index=None,
                    lime_samples=1000, contact=True) -> list[Path]:
     """One overlay PNG per image in ``folder`` (plus ``contact_sheet.png`` for several images)."""
-    import cv2
-
-    from covidx.explain.overlay import contact_sheet, overlay_heatmap, save_png
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     images = model_inputs(run, paths, batch_size)
@@ -111,13 +98,13 @@ def write_overlays(run, paths, method, folder, batch_size=16, layer=None, class_
     tiles, titles, written, rows = [], [], [], []
     if method in ("gradcam", "gradcam++"):
         maps, classes = gradcam_heatmaps(run, images, method, layer, class_index, batch_size)
-        renders = [overlay_heatmap(_display(im), m) for im, m in zip(images, maps)]
+        renders = [overlay_heatmap(display_gray(im), m) for im, m in zip(images, maps)]
         labels = [names[int(c)] for c in classes]
     elif method == "attention":
         maps, masks, boxes = attention_heatmaps(run, images)
         renders = []
         for im, m, b in zip(images, maps, boxes):
-            over = overlay_heatmap(_display(im), m)
+            over = overlay_heatmap(display_gray(im), m)
             if b[2] > b[0] and b[3] > b[1]:
                 cv2.rectangle(over, (int(b[1]), int(b[0])), (int(b[3]) - 1, int(b[2]) - 1), (0, 255, 0), 1)
             renders.append(over)
@@ -126,12 +113,10 @@ def write_overlays(run, paths, method, folder, batch_size=16, layer=None, class_
         rows = [dict(path=p, box_y0=int(b[0]), box_x0=int(b[1]), box_y1=int(b[2]), box_x1=int(b[3]),
                      mask_fraction=float(mk.mean())) for p, b, mk in zip(paths, boxes, masks)]
     elif method == "lime":
-        from covidx.explain.lime import explain_lime, render_lime
-
         renders, labels = [], []
         for p, im in zip(paths, images):
             res = explain_lime(run.model, im, num_samples=lime_samples, class_index=class_index)
-            renders.append(render_lime(_display(im), res))
+            renders.append(render_lime(display_gray(im), res))
             labels.append(names[int(res.class_index)])
             rows.append(dict(path=p, class_name=labels[-1], weights=json.dumps({int(k): float(v)
                                                                                for k, v in res.weights.items()})))
@@ -165,10 +150,6 @@ def run_audit(run, table: pd.DataFrame, out_dir, min_enrichment=None, batch_size
     otherwise. Writes ``audit.csv`` (per image) and ``audit.json``; returns the
     :func:`covidx.explain.audit.shortcut_audit` summary plus ``median_share`` and ``input``.
     """
-    import cv2
-
-    from covidx.explain.audit import DEFAULT_MIN_ENRICHMENT, shortcut_audit
-
     if audit_input not in AUDIT_INPUTS:
         raise ValueError(f"audit input must be one of {AUDIT_INPUTS}, not {audit_input!r}")
     if audit_input == "auto":
@@ -196,39 +177,3 @@ def run_audit(run, table: pd.DataFrame, out_dir, min_enrichment=None, batch_size
     (out / "audit.json").write_text(json.dumps({k: v for k, v in result.items() if k not in ("share", "enrichment")},
                                                indent=2, default=lambda v: None))
     return result
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m covidx.explain", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="run directory or .keras file")
-    ap.add_argument("--image", required=True, help="an image, a folder or a CSV with a 'path' column")
-    ap.add_argument("--method", default="gradcam", choices=METHODS)
-    ap.add_argument("--out", default="explanations", help="output folder")
-    ap.add_argument("--layer", help="Grad-CAM target layer (default: the model's registered layer)")
-    ap.add_argument("--class", dest="class_name", help="explain this class (default: the predicted one)")
-    ap.add_argument("--lime-samples", type=int, default=1000, help="LIME perturbations per image")
-    ap.add_argument("--batch-size", type=int, default=16)
-    args = ap.parse_args(argv)
-
-    from covidx.predict import list_inputs, readable
-    from covidx.runs import load_run
-
-    try:
-        run = load_run(args.checkpoint)
-        paths, bad = readable(list_inputs(args.image))
-        for p, reason in bad:
-            print(f"skipped {p}: {reason}", file=sys.stderr)
-        if not paths:
-            raise ValueError(f"no readable image in {args.image}")
-        class_index = None
-        if args.class_name:
-            if args.class_name not in run.class_names:
-                raise ValueError(f"unknown class {args.class_name!r}; the model's classes: {run.class_names}")
-            class_index = run.class_names.index(args.class_name)
-        written = write_overlays(run, paths, args.method, args.out, args.batch_size, args.layer, class_index,
-                                 args.lime_samples)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{len(written)} overlays in {args.out}" + (" (+ contact_sheet.png)" if len(written) > 1 else ""))
-    return 0

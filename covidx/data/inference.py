@@ -1,4 +1,5 @@
-"""The inference preprocessing as TF ops only, for exported graphs (no OpenCV, no py_function).
+"""The inference preprocessing as TF ops only, for exported graphs and multi-model systems (no OpenCV,
+no py_function).
 
 It repeats :func:`covidx.data.pipeline.make_dataset`'s evaluation path step for
 step (decode -> gray -> resize -> round to uint8 -> centre crop -> CLAHE ->
@@ -7,9 +8,12 @@ channels); ``tests/test_export.py`` checks the two agree on the same files.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import tensorflow as tf
 
-from covidx.data.io import decode_bytes_tf, to_channels
+from covidx.data.clahe import clahe_tf
+from covidx.data.io import decode_bytes_tf, decode_tf, is_dicom, to_channels, to_gray_array
 from covidx.data.preprocess import PreprocessConfig, crop_tf, resize_tf
 
 PNG_MAGIC = b"\x89PNG"
@@ -58,9 +62,20 @@ def preprocess_gray(img, config: PreprocessConfig):
     if config.resize == "crop":
         img = crop_tf(img, config.image_size)
     if config.clahe_inference:
-        from covidx.data.clahe import clahe_tf
-
         img = tf.cast(clahe_tf(tf.cast(img, tf.float32), config.clahe_clip, config.clahe_grid), tf.uint8)
     img = tf.cast(img, tf.float32)
     img = to_channels(img, config.channels)
     return tf.ensure_shape(img, [config.image_size, config.image_size, config.channels])
+
+
+def gray_input(image):
+    """Any image a system accepts -> float32 (H, W, 1) gray tensor in [0, 255].
+
+    A file path (PNG, JPEG, DICOM; read as the tf.data pipeline reads it), encoded PNG/JPEG bytes
+    (decoded as the export decodes them) or an array (H, W), (H, W, 1) or RGB (H, W, 3).
+    """
+    if isinstance(image, (str, Path)):
+        return decode_tf(tf.constant(str(image)), tf.constant(is_dicom(image)))
+    if isinstance(image, bytes):
+        return decode_bytes_tf(tf.constant(image))
+    return tf.constant(to_gray_array(image)[..., None])
