@@ -62,6 +62,8 @@ class RunConfig:
         values = {k: v for k, v in d.items() if k in names}
         values["preprocess"] = PreprocessConfig.from_dict(d.get("preprocess") or {})
         values["trainer"] = d.get("trainer") or "standard"
+        values.setdefault("model", "unknown")  # hand-made configs may say only classes, task and preprocess
+        values.setdefault("task", "unknown")
         if "trainer_inputs" not in d and values["trainer"] == "regional":
             values["trainer_inputs"] = [LUNG_MASK]  # configs written before the field: only "regional" took masks
         return cls(**values, extra={k: v for k, v in d.items() if k not in names and k != "extra"})

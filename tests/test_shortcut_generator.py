@@ -35,7 +35,7 @@ from covidx.data.io import read_image
 from covidx.data.synthetic import write_dataset
 from covidx.explain.runs import run_audit
 from covidx.layers import ImageNormalization
-from covidx.runs import Run
+from covidx.runs import Run, RunConfig
 from covidx.training.trainers import get_trainer
 
 SIZE = 64
@@ -104,8 +104,8 @@ def lung_regions(table: pd.DataFrame, folder) -> pd.DataFrame:
 
 
 def as_run(net, trainer: str) -> Run:
-    return Run(net, {"model": "small-cnn", "task": "stage2", "classes": CLASSES, "preprocess": PRE.to_dict(),
-                     "trainer": trainer}, None, None)
+    return Run(net, RunConfig(model="small-cnn", task="stage2", classes=CLASSES, preprocess=PRE, trainer=trainer,
+                              trainer_inputs=list(get_trainer(trainer).needs)), None, None)
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import pytest
 
 from covidx.explain.gradcam import GradCAM
 from covidx.systems import CascadeSEME, System, TwoStagePredictor, load_system, system_kind
-from tests.test_two_stage import CLASSES, batch, brightness_classifier, tiny_segmenter
+from tests.test_systems_two_stage import CLASSES, batch, brightness_classifier, tiny_segmenter
 
 
 def test_two_stage_saves_loads_and_explains(tmp_path):

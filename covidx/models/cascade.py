@@ -4,7 +4,7 @@
 graph computes stage 2 for the whole batch and :class:`covidx.layers.CascadeGate` (eq. 1) discards the
 unrouted rows; serializable (no Lambda). The Python system that runs stage 2 only on the routed images,
 calibrates ``Th_vir`` and explains both stages is :mod:`covidx.systems.cascade`; its TF Serving export
-is :mod:`covidx.serving.systems`. Both give the same answers as this model (``tests/test_cascade.py``).
+is :mod:`covidx.serving.systems`. Both give the same answers as this model (``tests/test_systems_cascade.py``).
 
 Training is per stage (``python -m covidx.train`` cannot train ``cascade-seme``, see
 :data:`TRAINING_HINT`); ``python -m covidx.cascade`` assembles trained runs.

@@ -36,7 +36,7 @@ training: segmenter size -> original size -> stage 2's resize/crop
 :func:`covidx.training.lung_masks.attach_lung_masks` masks sees
 the same regions at inference.
 
-Three ways to run it, equal on the same images (``tests/test_cascade.py``):
+Three ways to run it, equal on the same images (``tests/test_systems_cascade.py``):
 
 * :class:`CascadeSEME` (here): each stage with its own preprocessing
   (:func:`covidx.data.inference.preprocess_gray`); stage 2 and the segmenter run only on the
