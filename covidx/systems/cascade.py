@@ -48,7 +48,6 @@ Three ways to run it, equal on the same images (``tests/test_systems_cascade.py`
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -69,6 +68,7 @@ from covidx.layers.cascade import FINAL_CLASSES, SENTINEL, CascadeGate, class_ma
 from covidx.models.cascade import build_cascade_model
 from covidx.models.resnet import STAGE1
 from covidx.runs import as_run
+from covidx.systems.folder import read_folder, write_folder
 from covidx.tasks import LUNG_INDEX, STAGE1_CLASSES, STAGE2_CLASSES
 
 REFERENCES = ("all", "viral")
@@ -306,30 +306,16 @@ class CascadeSEME:
 
     def save(self, directory: str | Path) -> Path:
         """Write ``stage1.keras``, ``stage2.keras``, ``lung.keras`` (if any) and ``cascade.json``."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        self.stage1.save(d / "stage1.keras")
-        self.stage2.save(d / "stage2.keras")
-        (d / "lung.keras").unlink(missing_ok=True)
-        if self.lung is not None:
-            self.lung.save(d / "lung.keras")
-        (d / "cascade.json").write_text(json.dumps(self.config(), indent=2))
-        return d
+        return write_folder(directory, {"stage1": self.stage1, "stage2": self.stage2, "lung": self.lung},
+                            "cascade.json", self.config())
 
     @classmethod
     def load(cls, directory: str | Path) -> "CascadeSEME":
         """Load a :meth:`save` directory (``safe_mode=True``: no pickles, no Lambda)."""
-        d = Path(directory)
-        if not (d / "cascade.json").is_file():
-            raise FileNotFoundError(f"{d}: no cascade.json (write one with python -m covidx.cascade)")
-        cfg = json.loads((d / "cascade.json").read_text())
-
-        def model(name):
-            return keras.models.load_model(d / name, compile=False, safe_mode=True)
-
+        cfg, model = read_folder(directory, "cascade.json", "write one with python -m covidx.cascade")
         pre = {k: None if v is None else PreprocessConfig.from_dict(v) for k, v in cfg["preprocess"].items()}
-        return cls(model("stage1.keras"), model("stage2.keras"), cfg["threshold"], cfg["stage1_classes"],
-                   cfg["stage2_classes"], model("lung.keras") if pre["lung"] is not None else None,
+        return cls(model("stage1"), model("stage2"), cfg["threshold"], cfg["stage1_classes"],
+                   cfg["stage2_classes"], model("lung") if pre["lung"] is not None else None,
                    pre["stage1"], pre["stage2"], pre["lung"], cfg.get("calibration"), cfg.get("lung_index", LUNG_INDEX))
 
     @classmethod

@@ -14,7 +14,6 @@ the TF ops of :mod:`covidx.data.inference`, the same code the exported graph run
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from covidx.explain.gradcam import GradCAM
 from covidx.explain.overlay import display_gray, overlay_heatmap, overlay_mask, save_png
 from covidx.explain.runs import registered_layer
 from covidx.runs import as_run
+from covidx.systems.folder import read_folder, write_folder
 
 FORMAT = "covidx-two-stage/1"
 # Classes routed to the segmenter: "COVID-19 or pneumonia" (ensemble paper Sec. III); with a 4-class or
@@ -179,26 +179,15 @@ class TwoStagePredictor:
 
     def save(self, directory: str | Path) -> Path:
         """Write ``classifier.keras``, ``segmenter.keras`` and ``two_stage.json``."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        self.classifier.save(d / "classifier.keras")
-        self.segmenter.save(d / "segmenter.keras")
-        (d / "two_stage.json").write_text(json.dumps(self.config(), indent=2))
-        return d
+        return write_folder(directory, {"classifier": self.classifier, "segmenter": self.segmenter},
+                            "two_stage.json", self.config())
 
     @classmethod
     def load(cls, directory: str | Path) -> "TwoStagePredictor":
         """Load a :meth:`save` directory (``safe_mode=True``)."""
-        d = Path(directory)
-        if not (d / "two_stage.json").is_file():
-            raise FileNotFoundError(f"{d}: no two_stage.json (write one with TwoStagePredictor.save)")
-        cfg = json.loads((d / "two_stage.json").read_text())
-
-        def model(name):
-            return keras.models.load_model(d / name, compile=False, safe_mode=True)
-
+        cfg, model = read_folder(directory, "two_stage.json", "write one with TwoStagePredictor.save")
         pre = {k: PreprocessConfig.from_dict(v) for k, v in cfg["preprocess"].items()}
-        return cls(model("classifier.keras"), model("segmenter.keras"), cfg["classes"], cfg["segment_classes"],
+        return cls(model("classifier"), model("segmenter"), cfg["classes"], cfg["segment_classes"],
                    pre["classifier"], pre["segmenter"])
 
 
