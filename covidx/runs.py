@@ -23,6 +23,7 @@ import covidx.layers  # noqa: F401  (registers the custom layers load_model need
 import covidx.models  # noqa: F401  (registers the models' own layers)
 from covidx.data.pipeline import make_dataset
 from covidx.data.preprocess import PreprocessConfig
+from covidx.data.splitfile import read_split_file
 from covidx.tasks import TASKS
 
 CONFIG_FILE = "config.json"
@@ -125,7 +126,8 @@ class Run:
 
 
 def read_split_csv(path: str | Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"split": str, "mask_path": str, "lesion_path": str}, keep_default_na=False)
+    """A run's split (relative paths resolved against its folder, so evaluation works from any working folder)."""
+    return read_split_file(path, strict=False)
 
 
 def find_checkpoint(path: str | Path) -> tuple[Path, Path | None]:

@@ -18,6 +18,7 @@ import sys
 
 import keras
 
+from covidx.data.prepare import add_split_arguments
 from covidx.data.sources import DatasetError
 from covidx.models import create_model, get_spec, list_models
 from covidx.tasks import get_task
@@ -38,7 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--image-size", type=int)
     ap.add_argument("--channels", type=int, choices=(1, 3))
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--optimizer", choices=("sgd", "adam"))
     ap.add_argument("--lr", dest="learning_rate", type=float, help="initial (eta_max) learning rate")
     ap.add_argument("--min-lr", dest="min_learning_rate", type=float, help="eta_min of cosine annealing")
@@ -50,10 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--weights", help="imagenet | PATH | none (ImageNet files are read from weights/, never downloaded)")
     ap.add_argument("--augment", help="augmentation preset (none, light, cascade, se-dpn, mag-sd)")
     ap.add_argument("--clahe-prob", type=float, help="probability of CLAHE per training image")
-    ap.add_argument("--val-fraction", type=float, default=0.1)
-    ap.add_argument("--test-fraction", type=float, default=0.2)
-    ap.add_argument("--respect-source-split", action=argparse.BooleanOptionalAction, default=None,
-                    help="keep a source's own train/val/test split (default: when every source has one)")
+    ap.add_argument("--split", metavar="FILE",
+                    help="train on this split file (python -m covidx.data --write-split) instead of splitting --data")
     ap.add_argument("--lung-masks", metavar="LUNG_RUN",
                     help="a trained lung-unet run: predicts lung masks for images without one (Regional Learning)")
     ap.add_argument("--out", default="runs", help="runs are written to OUT/<model>/<timestamp>/")
@@ -70,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="trainer argument, e.g. augmentations=2, regularizer=l2 (repeatable)")
     ap.add_argument("--no-cache", dest="cache", action="store_false")
     ap.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
+    add_split_arguments(ap)  # --seed, fractions, --respect-source-split, --views, patients, duplicates
     return ap
 
 

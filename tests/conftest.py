@@ -1,6 +1,9 @@
 import os
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Image fingerprints (duplicate detection) are cached per user; tests (and the runs they start) keep theirs apart.
+os.environ["COVIDX_CACHE_DIR"] = tempfile.mkdtemp(prefix="covidx-test-cache-")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np  # noqa: E402

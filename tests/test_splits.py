@@ -26,9 +26,11 @@ def test_split_is_grouped_by_patient_stratified_and_deterministic():
     pd.testing.assert_series_equal(a.split, b.split)
     assert not a.split.equals(c.split)
     assert_no_patient_leak(a)
-    for label in t.label.unique():
-        pats = a[a.label == label].groupby("split").patient_id.nunique()
-        assert pats["test"] == 3 and pats["val"] == 2 and pats["train"] == 10  # 15 patients per class
+    for label in t.label.unique():  # 15 patients per class, 1-3 images each: images cut near the fractions
+        rows = a[a.label == label]
+        share = rows.split.value_counts() / len(rows)
+        assert abs(share["test"] - 0.2) < 0.1 and abs(share["val"] - 0.1) < 0.1, share.to_dict()
+        assert rows.groupby("split").patient_id.nunique().min() >= 1
 
 
 def test_respect_source_split_keeps_it_and_carves_val_from_train():
@@ -40,7 +42,7 @@ def test_respect_source_split_keeps_it_and_carves_val_from_train():
     assert_no_patient_leak(out)
 
 
-def test_patient_in_two_source_splits_is_moved_and_reported():
+def test_patient_in_two_source_splits_keeps_the_higher_one_and_is_reported():
     t = select_task(table(with_split=True), "4class")
     t.loc[t.index[0], "split"] = "test" if t.loc[t.index[0], "split"] == "train" else "train"
     pid = t.loc[t.index[0], "patient_id"]
@@ -73,6 +75,6 @@ def test_summary_table_counts():
     t = split_table(select_task(table(), "4class"), seed=0)
     text = split_summary(t, ["covid19", "bacterial", "viral", "normal"])
     lines = text.splitlines()
-    assert lines[0].split()[:4] == ["class", "train", "val", "test"]
-    total = lines[-1].split()
-    assert total[-2] == str(len(t))
+    assert lines[0].split()[:4] == ["train", "val", "test", "no"]
+    total = next(line for line in lines if line.startswith("total")).split()
+    assert total[-2] == str(len(t)) and total[-4] == "0"  # every row has a split

@@ -8,7 +8,8 @@ Layouts (``--layout``):
 
 ``kermany``  Kermany et al. "Chest X-Ray Images (Pneumonia)":
              ``chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg``; bacterial vs viral from
-             the file name (``person12_bacteria_47.jpeg``), patient from ``personN`` / ``IM-NNNN``.
+             the file name (``person12_bacteria_47.jpeg``), patient from ``personN`` / ``IM-NNNN`` /
+             ``NORMAL2-IM-NNNN`` (:mod:`covidx.data.patients`).
 ``cohen``    Cohen "COVID-19 image data collection" (also Actualmed, Figure1): ``metadata.csv``
              (``patientid, finding, view, modality, filename|imagename[, folder]``) + ``images/``.
 ``covidx``   COVIDx split files: ``patientid filename label source`` per line
@@ -16,6 +17,10 @@ Layouts (``--layout``):
 ``folders``  class-per-folder trees, ``ROOT/[split/]CLASS/*``.
 ``csv``      a CSV manifest: ``path, finding|label[, patient_id, split, source, mask_path, lesion_path]``.
 ``masks``    segmentation pairs ``images/`` + ``masks/`` (optionally ``lesions/``), matched by file stem.
+
+Readers leave ``patient_id`` empty where the files do not say it; :func:`load_source` then reads it with
+a :class:`~covidx.data.patients.PatientRule` (``--patient-pattern`` / ``--patient-table``) or, failing
+that, makes the file its own patient and names it in ``IndexReport.no_patient``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 import pandas as pd
 
 from covidx.data.io import IMAGE_EXTENSIONS, check_file, is_dicom
+from covidx.data.patients import PatientRule, kermany_patient, record_patient
 from covidx.tasks import FINDINGS
 
 COLUMNS = ["path", "finding", "patient_id", "source", "split", "mask_path", "lesion_path"]
@@ -43,6 +49,8 @@ class IndexReport:
 
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     unmapped: list[tuple[str, str]] = field(default_factory=list)  # (row / path, reason)
+    no_patient: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): kept as its own patient
+    warnings: list[str] = field(default_factory=list)  # about the split as a whole
 
     def skip(self, path, reason: str):
         self.skipped.append((str(path), reason))
@@ -50,13 +58,23 @@ class IndexReport:
     def unmap(self, what, reason: str):
         self.unmapped.append((str(what), reason))
 
+    def unknown_patient(self, path, reason: str):
+        self.no_patient.append((str(path), reason))
+
+    def warn(self, text: str):
+        self.warnings.append(text)
+
     def extend(self, other: "IndexReport"):
         self.skipped += other.skipped
         self.unmapped += other.unmapped
+        self.no_patient += other.no_patient
+        self.warnings += other.warnings
 
     def lines(self) -> list[str]:
         out = [f"skipped  {p}: {r}" for p, r in self.skipped]
         out += [f"unmapped {p}: {r}" for p, r in self.unmapped]
+        out += [f"no patient {p}: {r}" for p, r in self.no_patient]
+        out += [f"warning  {w}" for w in self.warnings]
         return out
 
 
@@ -125,10 +143,6 @@ def _admit(path: Path, report: IndexReport) -> bool:
 
 # ------------------------------------------------------------------ Kermany
 
-_KERMANY_PNEUMONIA = re.compile(r"^(person\d+)_(bacteria|virus)_\d+$", re.I)
-_KERMANY_NORMAL = re.compile(r"^((?:NORMAL2-)?IM-\d+)-\d+$", re.I)
-
-
 def _kermany_root(root: Path) -> Path:
     for cand in (root / "chest_xray", root):
         if any((cand / s).is_dir() for s in ("train", "test", "val")):
@@ -151,33 +165,64 @@ def read_kermany(root: str | Path) -> tuple[pd.DataFrame, IndexReport]:
                 if p.suffix.lower() not in IMAGE_EXTENSIONS:
                     report.skip(p, f"not an image file extension ({p.suffix or 'none'})")
                     continue
+                patient, organism = kermany_patient(p.stem)
                 if cls == "PNEUMONIA":
-                    m = _KERMANY_PNEUMONIA.match(p.stem)
-                    if not m:
+                    if organism is None:
                         report.unmap(p, "PNEUMONIA file name does not say bacteria or virus")
                         continue
-                    patient, finding = m.group(1), "bacterial" if m.group(2).lower() == "bacteria" else "viral"
+                    finding = "bacterial" if organism == "bacteria" else "viral"
                 else:
-                    m = _KERMANY_NORMAL.match(p.stem)
-                    patient, finding = (m.group(1) if m else p.stem), "normal"
+                    finding = "normal"
                 if _admit(p, report):
-                    rows.append(dict(path=str(p), finding=finding, patient_id=f"kermany:{patient}",
+                    # An unreadable name leaves the patient empty: load_source reports it (or applies a rule).
+                    rows.append(dict(path=str(p), finding=finding, patient_id=f"kermany:{patient}" if patient else "",
                                      source="kermany", split=split))
     return _table(rows), report
 
 
 # ------------------------------------------------------------------ Cohen
 
-DEFAULT_VIEWS = ("PA", "AP")
+DEFAULT_VIEWS = ("PA", "AP")  # the frontal views
+UNKNOWN_VIEW = "unknown"  # in ``views``: keep rows whose view is missing
+ALL_VIEWS = "all"  # in ``views``: keep every view
+
+
+def parse_views(text: str | None) -> tuple[str, ...]:
+    """``--views PA,AP,unknown`` -> ``("PA", "AP", "unknown")``; empty/None gives the frontal default."""
+    if not text:
+        return DEFAULT_VIEWS
+    views = tuple(v.strip() for v in str(text).split(",") if v.strip())
+    return tuple(v.lower() if v.lower() in (UNKNOWN_VIEW, ALL_VIEWS) else v.upper() for v in views) or DEFAULT_VIEWS
+
+
+def view_kept(view: str, views: tuple[str, ...]) -> bool:
+    """Whether a row of ``view`` is kept: ``AP`` admits ``AP Supine`` / ``AP Erect``; ``unknown`` admits a missing
+    view; ``all`` admits everything."""
+    view = view.strip().upper()
+    if ALL_VIEWS in views:
+        return True
+    if not view:
+        return UNKNOWN_VIEW in views
+    return any(view == v.upper() or view.startswith(v.upper() + " ") for v in views if v not in (UNKNOWN_VIEW,))
+
+
+def _find_record_image(root: Path, record: str) -> Path:
+    # Figure1's metadata names no file: the image is images/<patientid>.<ext>.
+    for ext in (".jpg", ".jpeg", ".png"):
+        if (root / "images" / f"{record}{ext}").exists():
+            return root / "images" / f"{record}{ext}"
+    return root / "images" / f"{record}.jpg"
 
 
 def read_cohen(
     root: str | Path, views: tuple[str, ...] = DEFAULT_VIEWS, modality: str = "X-ray", source: str = "cohen"
 ) -> tuple[pd.DataFrame, IndexReport]:
-    """Cohen COVID-19 image data collection schema (``metadata.csv`` + images).
+    """Cohen COVID-19 image data collection schema (``metadata.csv`` + images); also Figure1 and Actualmed.
 
-    Keeps ``modality`` rows only and views starting with one of ``views`` (``AP``
-    admits ``AP Supine`` and ``AP Erect``; laterals ``L`` are dropped).
+    Keeps ``modality`` rows only and the views in ``views`` (:func:`view_kept`: ``AP`` admits ``AP Supine``
+    and ``AP Erect``; laterals ``L`` are dropped; a row without a view is reported as "view missing" unless
+    ``views`` holds ``unknown``). Without a ``filename``/``imagename`` column (Figure1) the image is
+    ``images/<patientid>.jpg|png``. Record ids with a letter suffix (``COVID-00003a``) name one patient.
     """
     root = Path(root)
     meta = root / "metadata.csv"
@@ -186,19 +231,21 @@ def read_cohen(
     df = pd.read_csv(meta, dtype=str, keep_default_na=False)
     name_col = "filename" if "filename" in df.columns else "imagename" if "imagename" in df.columns else None
     missing = [c for c in ("patientid", "finding") if c not in df.columns]
-    if name_col is None or missing:
-        raise DatasetError(f"{meta}: missing column(s) {missing + ([] if name_col else ['filename|imagename'])}")
+    if missing:
+        raise DatasetError(f"{meta}: missing column(s) {missing}")
+    if name_col is None and not (root / "images").is_dir():
+        raise DatasetError(f"{meta}: no filename|imagename column and no images/ folder to find <patientid>.jpg in")
     report, rows = IndexReport(), []
-    wanted = tuple(v.upper() for v in views)
     for i, r in df.iterrows():
-        fname = r[name_col].strip()
+        fname = r[name_col].strip() if name_col else _find_record_image(root, r["patientid"].strip()).name
         where = f"{meta.name} row {i + 2} ({fname or 'no file name'})"
         if "modality" in df.columns and r["modality"].strip().lower() != modality.lower():
             report.unmap(where, f"modality {r['modality']!r} is not {modality}")
             continue
-        view = r.get("view", "").strip().upper()
-        if "view" in df.columns and not any(view == v or view.startswith(v + " ") for v in wanted):
-            report.unmap(where, f"view {r['view']!r} not in {'/'.join(views)}")
+        view = r.get("view", "").strip()
+        if not view_kept(view, views):
+            report.unmap(where, f"view {r['view']!r} not in {'/'.join(views)}" if view else
+                         "view missing (keep such rows with --views ...,unknown)")
             continue
         finding = normalize_finding(r["finding"])
         if finding is None:
@@ -209,7 +256,8 @@ def read_cohen(
         if not path.exists() and (root / "images" / fname).exists():
             path = root / "images" / fname
         if _admit(path, report):
-            rows.append(dict(path=str(path), finding=finding, patient_id=f"{source}:{r['patientid'].strip()}",
+            pid = record_patient(r["patientid"])
+            rows.append(dict(path=str(path), finding=finding, patient_id=f"{source}:{pid}" if pid else "",
                              source=source, split=""))
     return _table(rows), report
 
@@ -242,7 +290,7 @@ def read_covidx(root: str | Path) -> tuple[pd.DataFrame, IndexReport]:
             if not path.exists() and (root / fname).exists():
                 path = root / fname
             if _admit(path, report):
-                rows.append(dict(path=str(path), finding=finding, patient_id=f"{src}:{pid}",
+                rows.append(dict(path=str(path), finding=finding, patient_id=f"{src}:{record_patient(pid)}",
                                  source=f"covidx-{src}", split=split))
     return _table(rows), report
 
@@ -260,8 +308,8 @@ def _split_of(stem: str) -> str | None:
 def read_folders(root: str | Path) -> tuple[pd.DataFrame, IndexReport]:
     """``ROOT/CLASS/*`` or ``ROOT/SPLIT/CLASS/*``; class folder names like ``COVID``, ``Normal``, ``Viral Pneumonia``.
 
-    The file stem is taken as the patient id (such trees carry no patient information;
-    the report says so).
+    Such trees carry no patient: ``patient_id`` is left empty for :func:`load_source` (a patient rule, or
+    each file its own patient, reported).
     """
     root = Path(root)
     report, rows = IndexReport(), []
@@ -281,9 +329,7 @@ def read_folders(root: str | Path) -> tuple[pd.DataFrame, IndexReport]:
             )
         for p in _image_files(cdir):
             if _admit(p, report):
-                rows.append(dict(path=str(p), finding=finding, patient_id=f"folders:{p.stem}",
-                                 source="folders", split=split))
-    report.unmap(root, "class folders carry no patient ids: each image is its own patient in splits")
+                rows.append(dict(path=str(p), finding=finding, patient_id="", source="folders", split=split))
     return _table(rows), report
 
 
@@ -318,7 +364,7 @@ def read_csv_manifest(path: str | Path) -> tuple[pd.DataFrame, IndexReport]:
             continue
         rows.append(dict(
             path=str(p), finding=finding,
-            patient_id=r.get("patient_id", "").strip() or f"csv:{p.stem}",
+            patient_id=r.get("patient_id", "").strip(),
             source=r.get("source", "").strip() or "csv",
             split=r.get("split", "").strip().lower(),
             mask_path=resolve(r.get("mask_path", "").strip()),
@@ -347,7 +393,7 @@ def read_masks(root: str | Path) -> tuple[pd.DataFrame, IndexReport]:
             report.skip(p, "no mask with the same file stem")
             continue
         if _admit(p, report):
-            rows.append(dict(path=str(p), finding="", patient_id=f"masks:{p.stem}", source="masks", split="",
+            rows.append(dict(path=str(p), finding="", patient_id="", source="masks", split="",
                              mask_path=str(m) if m else "", lesion_path=str(l) if l else ""))
     stems = {p.stem for p in _image_files(img_dir)}
     for stem, m in sorted({**masks, **lesions}.items()):
@@ -392,22 +438,49 @@ def detect_layout(root: str | Path) -> str:
     raise DatasetError(f"{root}: cannot tell the dataset layout; pass --layout ({'|'.join(LAYOUTS)})")
 
 
-def load_source(root: str | Path, layout: str | None = None, **kwargs) -> tuple[pd.DataFrame, IndexReport]:
-    """Read one dataset folder in ``layout`` (detected when ``None``)."""
+def assign_patients(table: pd.DataFrame, report: IndexReport, rule: PatientRule | None = None) -> pd.DataFrame:
+    """Fill empty ``patient_id`` values: from ``rule``, else the file is its own patient and is named in
+    ``report.no_patient`` (never silently)."""
+    empty = table["patient_id"] == ""
+    if not empty.any():
+        return table
+    ids = []
+    for path, source in zip(table.loc[empty, "path"], table.loc[empty, "source"]):
+        pid = rule.patient_of(path) if rule else None
+        if pid:
+            ids.append(f"{source}:{pid}")
+        else:
+            ids.append(f"{source}:{Path(path).name}")
+            report.unknown_patient(path, ("patient not found by --patient-pattern/--patient-table"
+                                          if rule else "the file does not say its patient (give --patient-pattern "
+                                          "or --patient-table)") + "; treated as its own patient")
+    table.loc[empty, "patient_id"] = ids
+    return table
+
+
+def load_source(root: str | Path, layout: str | None = None, views: tuple[str, ...] | None = None,
+                patients: PatientRule | None = None) -> tuple[pd.DataFrame, IndexReport]:
+    """Read one dataset folder in ``layout`` (detected when ``None``).
+
+    ``views`` (Cohen schema): the views kept (:func:`parse_views`); ``patients``: how to read the patient
+    of files that do not say it (folders, masks, manifests without ``patient_id``)."""
     layout = layout or detect_layout(root)
     if layout not in READERS:
         raise DatasetError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    kwargs = {"views": views} if layout == "cohen" and views is not None else {}
     table, report = READERS[layout](root, **kwargs)
     if table.empty:
         raise DatasetError(f"{root}: no usable images found in the {layout} layout"
                            + (f" ({len(report.skipped)} skipped, {len(report.unmapped)} unmapped)"
                               if report.skipped or report.unmapped else ""))
+    table = assign_patients(table, report, patients)
     table["dicom"] = [is_dicom(p) for p in table["path"]]
     return table, report
 
 
-def load_sources(paths, layouts=None) -> tuple[pd.DataFrame, IndexReport]:
-    """Read and concatenate several dataset folders (``--data A --data B``)."""
+def load_sources(paths, layouts=None, views: tuple[str, ...] | None = None,
+                 patients: PatientRule | None = None) -> tuple[pd.DataFrame, IndexReport]:
+    """Read and concatenate several dataset folders (``--data A --data B``); see :func:`load_source`."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     layouts = list(layouts or [])
     if len(layouts) == 1 and len(paths) > 1:
@@ -415,7 +488,7 @@ def load_sources(paths, layouts=None) -> tuple[pd.DataFrame, IndexReport]:
     layouts += [None] * (len(paths) - len(layouts))
     tables, report = [], IndexReport()
     for p, lay in zip(paths, layouts):
-        t, r = load_source(p, lay)
+        t, r = load_source(p, lay, views=views, patients=patients)
         tables.append(t)
         report.extend(r)
     table = pd.concat(tables, ignore_index=True)

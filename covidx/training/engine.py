@@ -21,7 +21,11 @@ import tensorflow as tf
 
 import covidx
 import covidx.training  # noqa: F401  (registers every trainer)
-from covidx.data import PreprocessConfig, balanced_class_weights, load_sources, make_dataset, select_task, split_summary, split_table
+from covidx.data import PreprocessConfig, balanced_class_weights, make_dataset, split_summary
+from covidx.data.duplicates import NEAR_DISTANCE
+from covidx.data.prepare import SplitOptions, build_split
+from covidx.data.sources import IndexReport, parse_views
+from covidx.data.splitfile import read_split_file, write_split_file
 from covidx.data.synthetic import write_dataset
 from covidx.data.verify import verify_table
 from covidx.models import create_model, get_spec
@@ -65,6 +69,12 @@ class TrainConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     respect_source_split: bool | None = None  # default: True when every source brings a split
+    split: str | None = None  # a split file (python -m covidx.data --write-split) instead of splitting here
+    duplicates: bool = True  # join patients that share an image (exact / near copies) before splitting
+    near_distance: int = NEAR_DISTANCE  # pHash bits up to which two images are copies (-1: exact only)
+    views: str = "PA,AP"  # views kept from metadata that has them ("unknown" keeps rows without one)
+    patient_pattern: str | None = None  # regex on file names giving the patient (folders, masks layouts)
+    patient_table: str | None = None  # CSV path|filename,patient_id for the same
     lung_masks: str | None = None  # lung U-Net run: predict the lung masks images lack (Regional Learning)
     out: str = "runs"
     strategy: str = "default"
@@ -146,19 +156,30 @@ def get_strategy(name: str):
     raise ValueError(f"unknown strategy {name!r} (default, mirrored, multiworker)")
 
 
-def prepare_data(cfg: TrainConfig, task, report=None):
-    """Load, verify, select the task and split; returns the table with ``split``."""
-    paths = cfg.data or [str(synthetic_default(cfg))]
-    table, report = load_sources(paths, cfg.layout or None)
-    if cfg.verify:
-        table = verify_table(table, report, progress=cfg.verbose > 0 and len(table) > 500)
-    table = select_task(table, task, report)
+def split_options(cfg: TrainConfig) -> SplitOptions:
+    """The :class:`~covidx.data.prepare.SplitOptions` of a training config (``--write-split`` takes the same flags)."""
+    return SplitOptions(seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+                        respect_source_split=cfg.respect_source_split, duplicates=cfg.duplicates,
+                        near_distance=cfg.near_distance, views=parse_views(cfg.views),
+                        patient_pattern=cfg.patient_pattern, patient_table=cfg.patient_table, verify=cfg.verify)
+
+
+def prepare_data(cfg: TrainConfig, task):
+    """The split to train on: ``cfg.split`` as given, else :func:`covidx.data.prepare.build_split` (load, verify,
+    select the task, join patients sharing an image, split by patient group). Returns ``(table, report, respect)``."""
+    if cfg.split and cfg.data:
+        raise ValueError("give --split FILE or --data PATH, not both (a split file already names its images)")
+    if cfg.split:
+        report = IndexReport()
+        table = read_split_file(cfg.split, task)
+        if cfg.verify:
+            table = verify_table(table, report, progress=cfg.verbose > 0 and len(table) > 500)
+        respect = None
+    else:
+        paths = cfg.data or [str(synthetic_default(cfg))]
+        table, report, respect, _ = build_split(paths, cfg.layout, task, split_options(cfg), progress=cfg.verbose > 0)
     if cfg.lung_masks:
         table = attach_lung_masks(table, cfg.lung_masks, Path(cfg.out) / "_lung_masks")
-    respect = cfg.respect_source_split
-    if respect is None:
-        respect = bool((table["split"] != "").all())
-    table = split_table(table, cfg.val_fraction, cfg.test_fraction, cfg.seed, respect, report)
     return table, report, respect
 
 
@@ -209,7 +230,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
         while run_dir.exists():
             run_dir = run_dir.with_name(run_dir.name + "_")
         run_dir.mkdir(parents=True)
-    table.to_csv(run_dir / SPLIT_FILE, index=False)
+    write_split_file(table, run_dir / SPLIT_FILE)  # absolute paths: evaluation works from any folder
 
     with get_strategy(cfg.strategy).scope():
         net = create_model(cfg.model, num_classes=task.num_classes, image_size=pre.image_size,
