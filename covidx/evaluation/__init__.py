@@ -4,6 +4,7 @@ Light on dependencies (NumPy, SciPy, scikit-learn, matplotlib): importing it
 does not import TensorFlow.
 """
 
+from covidx.evaluation.confounding import confounding_audit, confounding_markdown, write_confounding_report
 from covidx.evaluation.metrics import (
     binary_metrics,
     calibration,
@@ -18,6 +19,7 @@ from covidx.evaluation.report import (
     write_comparison_report,
     write_segmentation_report,
 )
+from covidx.evaluation.sources import one_vs_rest_counts, per_source_metrics, source_label_counts
 from covidx.evaluation.stats import (
     compare_models,
     delong_auc_variance,
@@ -34,6 +36,8 @@ __all__ = [
     "calibration",
     "classification_metrics",
     "compare_models",
+    "confounding_audit",
+    "confounding_markdown",
     "delong_auc_variance",
     "delong_macro_test",
     "delong_test",
@@ -41,6 +45,8 @@ __all__ = [
     "mcnemar",
     "mcnemar_table",
     "mcnemar_test",
+    "one_vs_rest_counts",
+    "per_source_metrics",
     "plot_calibration",
     "plot_confusion",
     "plot_roc",
@@ -48,7 +54,9 @@ __all__ = [
     "positive_class_metrics",
     "roc_curves",
     "segmentation_metrics",
+    "source_label_counts",
     "write_classification_report",
     "write_comparison_report",
+    "write_confounding_report",
     "write_segmentation_report",
 ]

@@ -3,7 +3,9 @@
 * :func:`write_classification_report` — one model on one split: ``metrics.json``,
   ``metrics.md`` (one row per class, the macro average and accuracy, with 95%
   CIs, as the cascade paper's Table II / SE-DPN's Tables 2-3), ``metrics.csv``
-  (one row per class), ``roc.png``, ``confusion.png``, ``calibration.png``;
+  (one row per class), ``roc.png``, ``confusion.png``, ``calibration.png``; with the
+  images' sources, every figure again per source and per (source, class), with
+  counts and patient-bootstrap CIs (:mod:`covidx.evaluation.sources`);
 * :func:`write_comparison_report` — several models on the same split:
   ``comparison.md`` / ``comparison.csv`` (every pair: McNemar, DeLong, the
   cascade paper's per-class F-test) and ``roc_comparison.png``;
@@ -26,6 +28,7 @@ from covidx.evaluation.metrics import (
     segmentation_metrics,
 )
 from covidx.evaluation.plots import plot_calibration, plot_confusion, plot_roc, plot_roc_comparison
+from covidx.evaluation.sources import per_source_metrics
 from covidx.evaluation.stats import compare_models
 
 COLUMN_TITLES = {
@@ -80,6 +83,8 @@ def _write_csv(rows: Sequence[Mapping], path: Path) -> str:
 def _classification_markdown(m: dict, model_name: str) -> str:
     boot = m["bootstrap"]
     lines = [f"# Classification report: {model_name}", ""]
+    if m.get("validation"):
+        lines += [_validation_sentence(m["validation"]), ""]
     if boot["unit"] == "patient":
         lines.append(f"{m['n_samples']} images from {m['n_patients']} patients.")
     else:
@@ -122,19 +127,76 @@ def _classification_markdown(m: dict, model_name: str) -> str:
     cal = m["calibration"]
     lines += ["", "## Calibration", "", f"Expected calibration error (ECE, {cal['n_bins']} equal-width bins): "
               f"{cal['ece']:.4f}; maximum calibration error: {cal['mce']:.4f}.", ""]
+    if m.get("per_source"):
+        lines += _per_source_markdown(m["per_source"], names)
     return "\n".join(lines)
 
 
-def _classification_csv_rows(m: dict) -> list[dict]:
+def _validation_sentence(v: dict) -> str:
+    if v.get("kind") == "external":
+        return (f"**External validation**: the test set is every image of source `{v['source']}`, held out "
+                "of training as a whole (no image and no patient of it was trained on).")
+    return f"Validation: {v.get('kind', 'internal')}."
+
+
+def _per_source_markdown(per_source: dict, names: Sequence[str]) -> list[str]:
+    lines = ["## Per source", "",
+             "The same figures within each source alone (one-vs-rest; CIs resampled by patient within the "
+             "source). A class absent from a source has no sensitivity there, but its specificity says how "
+             "often that source's other images are wrongly given the class.", ""]
+    lines += _md_table(["Source", "Images", "Patients", "Accuracy", "Macro AUC"],
+                       [[s, r["n_samples"], r["n_patients"], _fmt_ci(r["accuracy"], r["ci"]["accuracy"]),
+                         _fmt_ci(r["macro"]["auc"], r["ci"]["macro_auc"])] for s, r in per_source.items()])
+    lines += ["", "### Per source and class", ""]
+    header = ["Source", "Class", "Support", "TP", "FP", "FN", "TN"] + [COLUMN_TITLES[k] for k in PER_CLASS_METRICS]
     rows = []
-    for name, row in m["per_class"].items():
-        out = {"class": name, "support": row["support"]}
-        for k in PER_CLASS_METRICS:
-            ci = row["ci"][k]
-            out[k] = row[k]
-            out[f"{k}_ci_low"] = None if ci is None else ci[0]
-            out[f"{k}_ci_high"] = None if ci is None else ci[1]
-        rows.append(out)
+    for s, r in per_source.items():
+        for name in names:
+            c = r["per_class"][name]
+            rows.append([s, name, c["support"], c["tp"], c["fp"], c["fn"], c["tn"]]
+                        + [_fmt_ci(c[k], c["ci"][k]) for k in PER_CLASS_METRICS])
+    lines += _md_table(header, rows)
+    return lines + [""]
+
+
+def _class_csv_row(name: str, row: dict) -> dict:
+    out = {"class": name, "support": row["support"]}
+    for k in PER_CLASS_METRICS:
+        ci = row["ci"][k]
+        out[k] = row[k]
+        out[f"{k}_ci_low"] = None if ci is None else ci[0]
+        out[f"{k}_ci_high"] = None if ci is None else ci[1]
+    return out
+
+
+def _classification_csv_rows(m: dict) -> list[dict]:
+    """One row per class; with per-source figures, a ``source`` column (``all`` for the pooled rows),
+    the source's accuracy and the one-vs-rest counts, then one row per (source, class)."""
+    if not m.get("per_source"):
+        return [_class_csv_row(name, row) for name, row in m["per_class"].items()]
+
+    def with_source(source, name, row, accuracy, accuracy_ci, counts):
+        out = {"source": source, **_class_csv_row(name, row)}
+        out.update({key: counts[key] for key in ("tp", "fp", "fn", "tn")})
+        out["accuracy"] = accuracy
+        out["accuracy_ci_low"] = None if accuracy_ci is None else accuracy_ci[0]
+        out["accuracy_ci_high"] = None if accuracy_ci is None else accuracy_ci[1]
+        return out
+
+    names = m["class_names"]
+    cm = m["confusion_matrix"]["counts"]
+    total = m["n_samples"]
+    rows = []
+    for c, name in enumerate(names):
+        tp = cm[c][c]
+        fn = sum(cm[c]) - tp
+        fp = sum(cm[r][c] for r in range(len(names))) - tp
+        counts = {"tp": tp, "fp": fp, "fn": fn, "tn": total - tp - fp - fn}
+        rows.append(with_source("all", name, m["per_class"][name], m["accuracy"], m["ci"]["accuracy"], counts))
+    for source, r in m["per_source"].items():
+        for name in names:
+            c = r["per_class"][name]
+            rows.append(with_source(source, name, c, r["accuracy"], r["ci"]["accuracy"], c))
     return rows
 
 
@@ -148,8 +210,14 @@ def write_classification_report(
     n_bootstrap: int = 1000,
     seed: int = 0,
     n_bins: int = 15,
+    sources=None,
+    validation: dict | None = None,
 ) -> dict:
     """Evaluate one model and write its report into ``out_dir``.
+
+    ``sources`` ((N,) source name per image) adds ``per_source``
+    (:func:`~covidx.evaluation.sources.per_source_metrics`) to every file. ``validation``
+    (e.g. ``{"kind": "external", "source": "cohen"}``) is recorded and stated at the top.
 
     Returns the metrics dict of :func:`~covidx.evaluation.metrics.classification_metrics`
     with ``model_name`` and ``files`` (name -> written path) added.
@@ -159,6 +227,11 @@ def write_classification_report(
     m = classification_metrics(y_true, y_prob, class_names, patient_ids=patient_ids,
                                n_bootstrap=n_bootstrap, seed=seed, n_bins=n_bins)
     m["model_name"] = model_name
+    if validation:
+        m["validation"] = dict(validation)
+    if sources is not None:
+        m["per_source"] = per_source_metrics(y_true, y_prob, class_names, sources, patient_ids=patient_ids,
+                                             n_bootstrap=n_bootstrap, seed=seed)
     files = {
         "roc": plot_roc(m["roc"], out / "roc.png", title=f"{model_name}: ROC (one-vs-rest)"),
         "confusion": plot_confusion(m["confusion_matrix"]["counts"], class_names, out / "confusion.png",
