@@ -8,6 +8,12 @@ segmenters a Dice/IoU report. With several checkpoints, every pair is compared
 ``--audit`` adds the shortcut audit: the share of Grad-CAM energy inside the lung
 mask, per image and per class, flagged when a class's median share is not above its
 chance level (the lung-area fraction); see :mod:`covidx.explain.audit`.
+Every figure is also reported per source and per (source, class). ``--confounding``
+(on by default when the evaluated images come from more than one source) audits
+source confounding (:mod:`covidx.evaluation.confounding`): per class, how well the
+source alone predicts it and the model's specificity within each source, with the
+flags written in words (``confounding.md``). A run trained with ``--test-source`` is
+reported as an external validation on its held-out source.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from pathlib import Path
 
 from covidx.data.sources import DatasetError
 from covidx.explain.runs import AUDIT_INPUTS, run_audit
-from covidx.reports import compare, evaluate_run, evaluation_table
+from covidx.reports import compare, evaluate_run, evaluation_table, validation_of
 from covidx.runs import load_run, lung_region_input
 
 
@@ -36,6 +42,8 @@ def main(argv=None) -> int:
                     help="flag classes whose median (share inside lungs / lung-area fraction) is below this")
     ap.add_argument("--audit-input", default="auto", choices=AUDIT_INPUTS,
                     help="explain full images or their lung region (auto: the lung region for Regional-Learning runs)")
+    ap.add_argument("--confounding", action=argparse.BooleanOptionalAction, default=None,
+                    help="source-confounding audit (default: on when the images come from more than one source)")
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args(argv)
 
@@ -51,9 +59,14 @@ def main(argv=None) -> int:
             name = run.name
             key = name if name not in results else f"{name}-{len(results)}"
             out = (out_root / key) if several else (out_root or (run.directory or Path(ckpt).parent) / "eval")
-            m = evaluate_run(run, table, out, args.bootstrap, args.batch_size)
+            validation = validation_of(run, args.data, args.split)
+            m = evaluate_run(run, table, out, args.bootstrap, args.batch_size, confounding=args.confounding,
+                             validation=validation)
             summaries[key] = m
             print(f"{key}: {len(table)} images -> {out}")
+            if validation:
+                print(f"  external validation: the test split is every image of source {validation['source']!r}, "
+                      "held out of training")
             if run.regional:
                 print("  Regional-Learning run: " + ("scored on the lung region X_T = X_O * M (its cascade input)"
                                                      if lung_region_input(run, table) else
@@ -64,6 +77,17 @@ def main(argv=None) -> int:
                     f"  {c}: sens {v['sensitivity']:.3f} spec {v['specificity']:.3f}"
                     for c, v in m["per_class"].items() if v.get("sensitivity") is not None))
                 results[key] = (run, table)
+                for source, r in m.get("per_source", {}).items():
+                    print(f"  source {source}: {r['n_samples']} images, accuracy {r['accuracy']:.4f}" + "".join(
+                        f"  {c}: sens {v['sensitivity']:.3f} spec {v['specificity']:.3f}" if v["sensitivity"]
+                        is not None else f"  {c}: spec {v['specificity']:.3f}"
+                        for c, v in r["per_class"].items() if v["specificity"] is not None))
+                if "confounding" in m:
+                    audit = m["confounding"]
+                    print(f"  source-confounding audit ({', '.join(audit['sources'])}): flagged: "
+                          f"{', '.join(audit['flagged']) or 'none'} -> {audit['files']['markdown']}")
+                    for line in audit["summary"]:
+                        print(f"    {line}")
             else:
                 print(f"  mean Dice {m['mean_dice']:.4f}  mean IoU {m['mean_iou']:.4f}")
             if args.audit:

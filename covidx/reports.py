@@ -15,7 +15,13 @@ import pandas as pd
 
 from covidx.data import load_sources, select_task
 from covidx.data.verify import verify_table
-from covidx.evaluation import write_classification_report, write_comparison_report, write_segmentation_report
+from covidx.evaluation import (
+    confounding_audit,
+    write_classification_report,
+    write_comparison_report,
+    write_confounding_report,
+    write_segmentation_report,
+)
 from covidx.runs import lung_region_input, predict_table
 
 
@@ -40,18 +46,42 @@ def evaluation_table(run, data=None, layouts=None, split: str | None = "test") -
     return table.reset_index(drop=True)
 
 
-def evaluate_run(run, table: pd.DataFrame, out_dir: Path, n_bootstrap: int = 1000, batch_size: int = 16) -> dict:
+def validation_of(run, data=None, split: str | None = "test") -> dict | None:
+    """``{"kind": "external", "source": S}`` when ``run`` held source S out (``--test-source``) and is
+    evaluated on that held-out split; ``None`` otherwise."""
+    if run.config.test_source and not data and (split or "test") == "test":
+        return run.config.validation
+    return None
+
+
+def evaluate_run(run, table: pd.DataFrame, out_dir: Path, n_bootstrap: int = 1000, batch_size: int = 16,
+                 confounding: bool | None = None, validation: dict | None = None) -> dict:
     """A run's report on ``table``; a Regional-Learning run is scored on the lung region when every row
-    has a lung mask (:func:`covidx.runs.lung_region_input`), the input the cascade gives it."""
+    has a lung mask (:func:`covidx.runs.lung_region_input`), the input the cascade gives it.
+
+    Classifiers are also scored per source (the table's ``source`` column). ``confounding`` (``None``: when
+    ``table`` holds more than one source) adds the source-confounding audit
+    (:func:`covidx.evaluation.confounding_audit`) as ``m["confounding"]`` and ``confounding.json/.md``;
+    ``validation`` (:func:`validation_of`) is recorded in the report."""
     probs, targets = predict_table(run, table, batch_size, lung_region=lung_region_input(run, table))
     name = run.name
     if run.config.kind == "segmentation" or probs.ndim == 4:
         pred = probs.argmax(-1)
         return write_segmentation_report(targets, pred, out_dir, ids=list(table["path"]))
     y_true = table["label_index"].to_numpy().astype(int)
-    return write_classification_report(y_true, probs, run.class_names, out_dir,
-                                       patient_ids=list(table["patient_id"]), model_name=name,
-                                       n_bootstrap=n_bootstrap)
+    sources = table["source"].astype(str).to_numpy() if "source" in table else None
+    m = write_classification_report(y_true, probs, run.class_names, out_dir,
+                                    patient_ids=list(table["patient_id"]), model_name=name,
+                                    n_bootstrap=n_bootstrap, sources=sources, validation=validation)
+    if confounding is None:
+        confounding = sources is not None and len(set(sources)) > 1
+    if confounding:
+        if sources is None:
+            raise ValueError("the confounding audit needs the source of every image (a 'source' column)")
+        audit = confounding_audit(y_true, probs, run.class_names, sources)
+        audit["files"] = write_confounding_report(audit, out_dir, model_name=name)
+        m["confounding"] = audit
+    return m
 
 
 def compare(results: dict, out_root: Path, batch_size: int = 16):

@@ -49,6 +49,7 @@ class RunConfig:
     paper: str | None = None
     versions: dict = field(default_factory=dict)
     synthetic: bool = False  # trained on covidx's generated data (procedural images, not patients)
+    test_source: str | None = None  # leave-one-source-out (--test-source): its test split is this whole source
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept on a round trip
 
     @property
@@ -56,6 +57,11 @@ class RunConfig:
         """Trained with Regional Learning (a train step that takes lung masks): the system it belongs to
         feeds it the lung region ``X_T = X_O · M`` (Cascade-SEME's stage 2)."""
         return LUNG_MASK in self.trainer_inputs
+
+    @property
+    def validation(self) -> dict:
+        """``{"kind": "external", "source": S}`` for a run that held source S out, else ``{"kind": "internal"}``."""
+        return {"kind": "external", "source": self.test_source} if self.test_source else {"kind": "internal"}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":

@@ -1,7 +1,8 @@
 """``python -m covidx.data PATH [PATH ...] [--layout L] [--task T]``: what a dataset folder holds.
 
-Prints images per class, source and split, patients, and every skipped file, unmapped row and file
-whose patient could not be read, with its reason. With ``--verify`` every image (and mask) is decoded
+Prints images per class, source and split, patients, images per class and source (with a warning
+when a class comes from a single source: a model can learn the source), and every skipped file,
+unmapped row and file whose patient could not be read, with its reason. With ``--verify`` every image (and mask) is decoded
 in full, which also finds truncated files and masks whose size differs from their image.
 ``--duplicates`` lists the groups of copied images (exact and near copies, cross-source groups
 first). ``--write-split FILE`` (with ``--task``) writes the split ``python -m covidx.train`` would use
@@ -13,6 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from covidx.data.confounding import (
+    SINGLE_SOURCE_ADVICE, format_label_source_table, label_source_table, single_source_warnings,
+)
 from covidx.data.duplicates import describe_groups, duplicate_groups, fingerprint_table
 from covidx.data.prepare import add_split_arguments, build_split, options_from_args
 from covidx.data.sources import LAYOUTS, DatasetError, load_sources, parse_views
@@ -72,6 +76,14 @@ def main(argv=None) -> int:
     if not args.write_split and not (table["split"] != "").all():
         print("(rows with no split of their own: covidx.train splits them by patient; --write-split shows how)")
     print(split_summary(table.assign(label=table[label]), task.classes if task else None))
+    classes = task.classes if task else None
+    print("\nimages per class and source:")
+    print(format_label_source_table(label_source_table(table, classes, label)))
+    warnings = single_source_warnings(table, classes, label)
+    for warning in warnings:
+        print(f"warning: {warning}")
+    if warnings:
+        print(f"  ({SINGLE_SOURCE_ADVICE})")
     if groups is not None:
         n_groups = groups["dup_group"].nunique() if len(groups) else 0
         kinds = groups.groupby("dup_group")["kind"].first().value_counts() if len(groups) else {}

@@ -18,7 +18,7 @@ import pandas as pd
 from covidx.data.duplicates import NEAR_DISTANCE, duplicate_groups, fingerprint_table, merge_duplicate_groups
 from covidx.data.patients import PatientRule
 from covidx.data.sources import DEFAULT_VIEWS, DatasetError, IndexReport, load_sources, parse_views
-from covidx.data.splits import make_split, select_task
+from covidx.data.splits import make_split, select_task, split_holding_out_source
 from covidx.data.verify import verify_table
 from covidx.tasks import Task, get_task
 
@@ -31,6 +31,7 @@ class SplitOptions:
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     respect_source_split: bool | None = None  # None: True when every row comes with a split
+    test_source: str | None = None  # leave-one-source-out: this whole source is the test split (external)
     duplicates: bool = True  # join patients that share an image (exact or near copy)
     near_distance: int = NEAR_DISTANCE  # pHash bits; -1: exact copies only
     views: tuple[str, ...] = field(default_factory=lambda: DEFAULT_VIEWS)
@@ -68,7 +69,10 @@ def build_split(paths, layouts, task: str | Task, options: SplitOptions | None =
     respect = o.respect_source_split
     if respect is None:
         respect = bool((table["split"] != "").all())
-    table = make_split(table, o.val_fraction, o.test_fraction, o.seed, respect, report)
+    if o.test_source:
+        table = split_holding_out_source(table, o.test_source, o.val_fraction, o.seed, respect, report)
+    else:
+        table = make_split(table, o.val_fraction, o.test_fraction, o.seed, respect, report)
     return table, report, respect, groups
 
 
@@ -80,6 +84,9 @@ def add_split_arguments(ap: argparse.ArgumentParser):
     g.add_argument("--test-fraction", type=float, default=0.2)
     g.add_argument("--respect-source-split", action=argparse.BooleanOptionalAction, default=None,
                    help="keep a source's own train/val/test split (default: when every source has one)")
+    g.add_argument("--test-source", metavar="NAME",
+                   help="external validation: every image of this source is the test split, none of its patients "
+                        "is trained on (leave-one-source-out; --test-fraction is then unused)")
     g.add_argument("--views", default=",".join(DEFAULT_VIEWS),
                    help="views kept from metadata that has them, comma-separated (default PA,AP: the frontal ones; "
                         "add 'unknown' to keep rows without a view, or 'all')")
@@ -96,6 +103,7 @@ def add_split_arguments(ap: argparse.ArgumentParser):
 
 def options_from_args(args, verify: bool = True) -> SplitOptions:
     return SplitOptions(seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                        respect_source_split=args.respect_source_split, duplicates=args.duplicates,
+                        respect_source_split=args.respect_source_split, test_source=args.test_source,
+                        duplicates=args.duplicates,
                         near_distance=args.near_distance, views=parse_views(args.views),
                         patient_pattern=args.patient_pattern, patient_table=args.patient_table, verify=verify)

@@ -218,3 +218,48 @@ def split_summary(table: pd.DataFrame, classes=None, warnings: bool = True) -> s
     if warnings:
         lines += [f"warning: {w}" for w in split_warnings(table, classes)]
     return "\n".join(lines)
+
+
+def hold_out_source(table: pd.DataFrame, source: str, report: IndexReport | None = None) -> pd.DataFrame:
+    """Leave-one-source-out: every image of ``source`` becomes the ``test`` split (external validation).
+
+    Rows of other sources whose patient also appears in ``source`` are dropped (and
+    reported), so no patient of the held-out source is trained on. Other rows lose a
+    ``test`` split they came with (``""``: to be split into train/val). Roberts et al.
+    (2021, Nat. Mach. Intell. 3:199) ask for exactly this: a test set from a source the
+    model never saw, which a source shortcut cannot pass.
+    """
+    names = sorted(table["source"].astype(str).unique())
+    if source not in names:
+        raise DatasetError(f"--test-source {source!r}: no such source; the data hold {', '.join(names)}")
+    if len(names) < 2:
+        raise DatasetError(f"--test-source {source!r}: it is the only source, nothing would be left to train on")
+    held = table["source"] == source
+    patients = set(table.loc[held, "patient_id"])
+    shared = ~held & table["patient_id"].isin(patients)
+    if shared.any() and report is not None:
+        for pid, n in table.loc[shared, "patient_id"].value_counts().items():
+            report.unmap(pid, f"patient also in held-out source {source!r}; {n} image(s) of other sources dropped")
+    out = table.loc[~shared].copy()
+    held = out["source"] == source
+    out.loc[held, "split"] = "test"
+    out.loc[~held & (out["split"] == "test"), "split"] = ""
+    return out
+
+
+def split_holding_out_source(
+    table: pd.DataFrame,
+    source: str,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    respect_source_split: bool = False,
+    report: IndexReport | None = None,
+) -> pd.DataFrame:
+    """:func:`hold_out_source`, then the other sources split by patient into train and val (:func:`make_split`
+    with no test fraction): the test split is exactly ``source``."""
+    out = hold_out_source(table, source, report)
+    test = out["split"] == "test"
+    rest = make_split(out.loc[~test], val_fraction, 0.0, seed, respect_source_split, report)
+    out = pd.concat([rest, out.loc[test]]).sort_index()
+    assert_no_patient_leak(out)
+    return out

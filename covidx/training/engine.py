@@ -69,6 +69,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     respect_source_split: bool | None = None  # default: True when every source brings a split
+    test_source: str | None = None  # leave-one-source-out: this source is the (external) test split
     split: str | None = None  # a split file (python -m covidx.data --write-split) instead of splitting here
     duplicates: bool = True  # join patients that share an image (exact / near copies) before splitting
     near_distance: int = NEAR_DISTANCE  # pHash bits up to which two images are copies (-1: exact only)
@@ -159,7 +160,8 @@ def get_strategy(name: str):
 def split_options(cfg: TrainConfig) -> SplitOptions:
     """The :class:`~covidx.data.prepare.SplitOptions` of a training config (``--write-split`` takes the same flags)."""
     return SplitOptions(seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
-                        respect_source_split=cfg.respect_source_split, duplicates=cfg.duplicates,
+                        respect_source_split=cfg.respect_source_split, test_source=cfg.test_source,
+                        duplicates=cfg.duplicates,
                         near_distance=cfg.near_distance, views=parse_views(cfg.views),
                         patient_pattern=cfg.patient_pattern, patient_table=cfg.patient_table, verify=cfg.verify)
 
@@ -204,6 +206,10 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
     if len(report.lines()) > 50:
         print(f"  ... and {len(report.lines()) - 50} more (python -m covidx.data PATH lists them all)")
     print(split_summary(table, task.classes))
+    if cfg.test_source:
+        test_t = table[table.split == "test"]
+        print(f"external test split: every image of source {cfg.test_source!r} ({len(test_t)} images, "
+              f"{test_t['patient_id'].nunique()} patients), none of its patients trained on")
     train_t, val_t = table[table.split == "train"], table[table.split == "val"]
     if train_t.empty:
         raise TrainingError("the training split is empty")
@@ -251,7 +257,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
         respect_source_split=respect, class_weights=None if cw is None else [float(w) for w in cw],
         parameters=int(net.count_params()), paper=preset.paper,
         versions={"covidx": covidx.__version__, "tensorflow": tf.__version__, "keras": keras.__version__},
-        synthetic=not cfg.data,
+        synthetic=not cfg.data, test_source=cfg.test_source,
     ).save(run_dir)
     monitor = "val_loss" if val_ds is not None else "loss"
     callbacks = [
