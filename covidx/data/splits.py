@@ -223,8 +223,9 @@ def split_summary(table: pd.DataFrame, classes=None, warnings: bool = True) -> s
 def hold_out_source(table: pd.DataFrame, source: str, report: IndexReport | None = None) -> pd.DataFrame:
     """Leave-one-source-out: every image of ``source`` becomes the ``test`` split (external validation).
 
-    Rows of other sources whose patient also appears in ``source`` are dropped (and
-    reported), so no patient of the held-out source is trained on. Other rows lose a
+    Rows of other sources whose patient (or patient group, ``group_id``, when the table
+    has one: patients joined by a shared image) also appears in ``source`` are dropped
+    (and reported), so no patient of the held-out source is trained on. Other rows lose a
     ``test`` split they came with (``""``: to be split into train/val). Roberts et al.
     (2021, Nat. Mach. Intell. 3:199) ask for exactly this: a test set from a source the
     model never saw, which a source shortcut cannot pass.
@@ -234,9 +235,9 @@ def hold_out_source(table: pd.DataFrame, source: str, report: IndexReport | None
         raise DatasetError(f"--test-source {source!r}: no such source; the data hold {', '.join(names)}")
     if len(names) < 2:
         raise DatasetError(f"--test-source {source!r}: it is the only source, nothing would be left to train on")
+    key = "group_id" if "group_id" in table.columns else "patient_id"
     held = table["source"] == source
-    patients = set(table.loc[held, "patient_id"])
-    shared = ~held & table["patient_id"].isin(patients)
+    shared = ~held & table[key].isin(set(table.loc[held, key]))
     if shared.any() and report is not None:
         for pid, n in table.loc[shared, "patient_id"].value_counts().items():
             report.unmap(pid, f"patient also in held-out source {source!r}; {n} image(s) of other sources dropped")

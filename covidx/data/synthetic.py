@@ -1104,8 +1104,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--confounder", default=None, help="burnt-in text marker, e.g. PORTABLE")
     ap.add_argument("--confounder-finding", default="covid19", choices=SYNTHETIC_FINDINGS)
     ap.add_argument("--confounder-splits", nargs="+", default=["train"], choices=("train", "val", "test"))
+    ap.add_argument("--sources", choices=("confounded", "balanced"),
+                    help="instead: sources of different appearance (site-a, site-b) in a CSV manifest; confounded = "
+                         "--sources-finding from site-a only (other findings there in the test split only)")
+    ap.add_argument("--sources-finding", default="covid19", choices=SYNTHETIC_FINDINGS)
     args = ap.parse_args(argv)
     start = time.perf_counter()
+    if args.sources:
+        root = write_multisource_dataset(args.out_dir, n_patients=args.patients, mode=args.sources,
+                                         confounded_finding=args.sources_finding,
+                                         images_per_patient=tuple(args.images_per_patient), size=args.size,
+                                         findings=tuple(args.findings), seed=args.seed)
+        print(f"wrote SYNTHETIC {args.sources} sources to {root} in {time.perf_counter() - start:.1f} s "
+              f"(manifest {root / 'manifest.csv'}; see README.txt)")
+        return 0
     root = write_dataset(args.out_dir, n_patients=args.patients, images_per_patient=tuple(args.images_per_patient),
                          size=args.size, findings=tuple(args.findings), seed=args.seed, confounder=args.confounder,
                          confounder_finding=args.confounder_finding, confounder_splits=tuple(args.confounder_splits))
