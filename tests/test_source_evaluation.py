@@ -162,10 +162,22 @@ def test_audit_clears_a_balanced_design():
         assert r["verdict"].startswith(f"{cls}: not flagged.")
 
 
+def test_a_class_whose_source_also_holds_the_other_classes_is_not_flagged_for_its_share():
+    # Kermany-like: 98 % of pneumonia from one source that also holds every normal image; the source alone
+    # says little about pneumonia, the model has to tell pneumonia from normal within it.
+    y = np.array([1] * 98 + [2] * 60 + [0] * 20 + [1] * 2)
+    sources = np.array(["kermany"] * 158 + ["cohen"] * 22)
+    audit = confounding_audit(y, _one_hot_probs(y), NAMES, sources)
+    pneumonia = audit["per_class"]["pneumonia"]
+    assert pneumonia["dominant_share"] == pytest.approx(0.98) and pneumonia["source_auc"] < 0.7
+    assert not pneumonia["flagged"] and "the source says little about pneumonia" in pneumonia["verdict"]
+    assert audit["flagged"] == ["covid19"]  # 20 of 22 cohen images are covid19: the source tells it
+
+
 def test_audit_thresholds_near_single_source_and_small_sources():
     # 19 of 20 covid images from "a" (95 %): flagged at the default share, not at 0.99.
-    y = np.array([0] * 19 + [2] * 10 + [0] * 1 + [2] * 10)
-    sources = np.array(["a"] * 29 + ["b"] * 11)
+    y = np.array([0] * 19 + [2] * 3 + [0] * 1 + [2] * 20)
+    sources = np.array(["a"] * 22 + ["b"] * 21)
     prob = _one_hot_probs(y)
     assert confounding_audit(y, prob, NAMES, sources)["flagged"] == ["covid19"]
     assert "95% of the covid19 images (19 of 20)" in confounding_audit(y, prob, NAMES, sources)["summary"][0]

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_auc_score
 
 SINGLE_SOURCE_SHARE = 0.95
+MIN_SOURCE_AUC = 0.7
 SINGLE_SOURCE_ADVICE = ("a test split of these data cannot tell the source from the disease: add images of that "
                         "class from other sources, or hold a whole source out as the test set "
                         "(python -m covidx.train --test-source SOURCE)")
@@ -50,14 +53,28 @@ def format_label_source_table(counts: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def source_only_auc(labels, sources, cls: str) -> float | None:
+    """AUC of the best rule that sees only the source: each image scores its source's share of ``cls``."""
+    positive = np.asarray(labels).astype(str) == cls
+    if positive.all() or not positive.any():
+        return None
+    _, index = np.unique(np.asarray(sources).astype(str), return_inverse=True)
+    prevalence = np.bincount(index, weights=positive.astype(float)) / np.bincount(index)
+    return float(roc_auc_score(positive, prevalence[index]))
+
+
 def single_source_warnings(table: pd.DataFrame, classes: Sequence[str] | None = None,
-                           label_col: str | None = None, share: float = SINGLE_SOURCE_SHARE) -> list[str]:
+                           label_col: str | None = None, share: float = SINGLE_SOURCE_SHARE,
+                           min_auc: float = MIN_SOURCE_AUC) -> list[str]:
     """One sentence per class whose images come (almost, ``share``) only from one source
     (``"every covid19 image comes from cohen: a model can learn the source instead of the disease"``);
     :data:`SINGLE_SOURCE_ADVICE` says what to do about it.
 
-    Nothing is said when the whole table holds one source: then no class is singled out by it.
+    Nothing is said when the whole table holds one source, nor when the class's source also holds most
+    images of the other classes (pneumonia and normal both from Kermany): then the source alone says little
+    about the class (source-only AUC below ``min_auc``, :func:`source_only_auc`).
     """
+    col = _label_column(table, label_col)
     counts = label_source_table(table, classes, label_col).drop(index="total", columns="total")
     if counts.shape[1] < 2:
         return []
@@ -68,7 +85,8 @@ def single_source_warnings(table: pd.DataFrame, classes: Sequence[str] | None = 
             continue
         source = str(row.idxmax())
         top = int(row.max())
-        if top / n < share:
+        auc = source_only_auc(table[col], table["source"], cls)
+        if top / n < share or auc is None or auc < min_auc:
             continue
         lead = (f"every {cls} image comes from {source}" if top == n else
                 f"{100 * top / n:.0f}% of the {cls} images ({top} of {n}) come from {source}")

@@ -24,7 +24,12 @@ For every class, on the evaluated images:
 A class is **flagged** when
 
 1. its positives come (almost) only from one source (share >= ``single_source_share``,
-   0.95 by default): no figure on these data can separate the disease from the source;
+   0.95 by default) *and* the source tells the class (source-only AUC >= ``min_source_auc``,
+   0.7): no figure on these data can separate the disease from the source. When the main
+   source of a class also holds most images of the other classes (Kermany: pneumonia and
+   normal), the source says little about it (AUC near 0.5); the model must then tell the
+   classes apart within that source, which the within-source figures measure, and the
+   class is not flagged for its share alone (the verdict says so);
 2. or, within some source with at least ``min_negatives`` images of other classes,
    the model's specificity for the class falls below ``specificity_ratio`` (0.5)
    times its pooled specificity: inside that source the model gives the class to
@@ -46,6 +51,7 @@ from sklearn.metrics import mutual_info_score, roc_auc_score
 from covidx.evaluation.metrics import _check_classification_inputs
 
 SINGLE_SOURCE_SHARE = 0.95
+MIN_SOURCE_AUC = 0.7
 SPECIFICITY_RATIO = 0.5
 MIN_NEGATIVES = 5
 HOLD_OUT_HINT = "python -m covidx.train --test-source SOURCE"
@@ -80,6 +86,7 @@ def confounding_audit(
     single_source_share: float = SINGLE_SOURCE_SHARE,
     specificity_ratio: float = SPECIFICITY_RATIO,
     min_negatives: int = MIN_NEGATIVES,
+    min_source_auc: float = MIN_SOURCE_AUC,
 ) -> dict:
     """Audit one model's predictions for source confounding (see the module docstring).
 
@@ -92,6 +99,7 @@ def confounding_audit(
         specificity_ratio: flag a class when its specificity within a source is below this times
             the pooled one.
         min_negatives: a source needs this many images of other classes for its specificity to count.
+        min_source_auc: a single-source class is flagged only when the source-only AUC reaches this.
 
     Returns a JSON-ready dict: ``sources``, ``n_samples``, ``thresholds``, ``per_class: {class:
     {positives, positives_by_source, dominant_source, dominant_share, source_auc,
@@ -131,9 +139,10 @@ def confounding_audit(
             "mutual_information_bits": mi, "label_entropy_bits": h, "information_fraction": frac,
             "pooled": pooled, "within_source": within,
         }
-        row["flags"] = _flags(cls, row, len(names), single_source_share, specificity_ratio, min_negatives)
+        row["flags"] = _flags(cls, row, len(names), single_source_share, specificity_ratio, min_negatives,
+                              min_source_auc)
         row["flagged"] = bool(row["flags"])
-        row["verdict"] = _verdict(cls, row, len(names), specificity_ratio, min_negatives)
+        row["verdict"] = _verdict(cls, row, len(names), specificity_ratio, min_negatives, single_source_share)
         per_class[cls] = row
     flagged = [cls for cls in class_names if per_class[cls]["flagged"]]
     summary = [per_class[cls]["verdict"] for cls in flagged]
@@ -142,7 +151,7 @@ def confounding_audit(
         "sources": names,
         "n_samples": int(len(y_true)),
         "thresholds": {"single_source_share": single_source_share, "specificity_ratio": specificity_ratio,
-                       "min_negatives": min_negatives},
+                       "min_negatives": min_negatives, "min_source_auc": min_source_auc},
         "per_class": per_class,
         "flagged": flagged,
         "summary": summary,
@@ -153,14 +162,18 @@ def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
-def _flags(cls, row, n_sources, single_share, ratio, min_negatives) -> list[dict]:
+def _single_source(row, n_sources, single_share) -> bool:
+    return n_sources > 1 and bool(row["positives"]) and row["dominant_share"] >= single_share
+
+
+def _flags(cls, row, n_sources, single_share, ratio, min_negatives, min_auc) -> list[dict]:
     flags = []
-    if n_sources > 1 and row["positives"] and row["dominant_share"] >= single_share:
+    auc = row["source_auc"]
+    if _single_source(row, n_sources, single_share) and auc is not None and auc >= min_auc:
         s, n, n_dom = row["dominant_source"], row["positives"], row["positives_by_source"][row["dominant_source"]]
         lead = (f"Every {cls} image ({n}) comes from one source, '{s}'" if n_dom == n else
                 f"{_pct(row['dominant_share'])} of the {cls} images ({n_dom} of {n}) come from one source, '{s}'")
-        auc = row["source_auc"]
-        knowing = "" if auc is None else f"; knowing only the source of an image identifies {cls} with AUC {auc:.2f}"
+        knowing = f"; knowing only the source of an image identifies {cls} with AUC {auc:.2f}"
         negatives = row["within_source"][s]["negatives"]
         inside = (f" Source '{s}' holds no image without {cls}, so nothing here can show what the model does with "
                   f"such an image from it." if negatives == 0 else
@@ -181,7 +194,7 @@ def _flags(cls, row, n_sources, single_share, ratio, min_negatives) -> list[dict
     return flags
 
 
-def _verdict(cls, row, n_sources, ratio, min_negatives) -> str:
+def _verdict(cls, row, n_sources, ratio, min_negatives, single_share) -> str:
     if row["flags"]:
         reasons = " ".join(f["text"] for f in row["flags"])
         return (f"{cls}: FLAGGED. {reasons} Do not trust the pooled {cls} figures; measure the model on {cls} and "
@@ -198,9 +211,14 @@ def _verdict(cls, row, n_sources, ratio, min_negatives) -> str:
     spec = ("" if pooled is None or not checked else
             f"; within {'each of ' if len(checked) > 1 else ''}{', '.join(repr(s) for s in checked)} the "
             f"specificity stays at or above {ratio:g} times the pooled {pooled:.2f}")
+    note = ""
+    if _single_source(row, n_sources, single_share):
+        note = (f" Most {cls} images come from '{row['dominant_source']}', but that source holds most of the other "
+                f"classes' images too, so the source says little about {cls}; its within-source figures are the "
+                "ones to read.")
     return (f"{cls}: not flagged. Its images come from {n_from} source(s), at most "
             f"{_pct(row['dominant_share'])} from '{row['dominant_source']}'"
-            + ("" if auc is None else f"; the source alone predicts {cls} with AUC {auc:.2f}") + spec + ".")
+            + ("" if auc is None else f"; the source alone predicts {cls} with AUC {auc:.2f}") + spec + "." + note)
 
 
 def _fmt(x, digits=2) -> str:
@@ -214,7 +232,8 @@ def confounding_markdown(audit: dict, model_name: str = "model") -> str:
              f"{audit['n_samples']} images from {len(audit['sources'])} sources: "
              f"{', '.join(audit['sources'])}.", "",
              f"A class is flagged when at least {_pct(t['single_source_share'])} of its images come from one "
-             f"source, or when, within a source holding at least {t['min_negatives']} images of other classes, "
+             f"source and the source alone predicts it (AUC at least {t['min_source_auc']:g}), or when, within "
+             f"a source holding at least {t['min_negatives']} images of other classes, "
              f"the model's specificity for it falls below {t['specificity_ratio']:g} times its pooled "
              "specificity.", "", "## Verdicts", ""]
     lines += [f"- {s}" for s in audit["summary"]]
