@@ -204,3 +204,14 @@ def test_audit_flags_the_model_trained_on_a_single_source_class_and_clears_the_b
     assert balanced["flagged"] == [], balanced["summary"]
     for cls in NAMES:
         assert balanced["per_class"][cls]["source_auc"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_split_writer_holds_the_source_out_too(tmp_path, capsys):
+    root = write_multisource_dataset(tmp_path / "data", n_patients=24, size=32, mode="balanced", seed=3)
+    out = tmp_path / "split.csv"
+    assert data_main([str(root / "manifest.csv"), "--task", "4class", "--write-split", str(out), "--test-source", A,
+                      "--no-duplicate-groups"]) == 0
+    split = pd.read_csv(out, keep_default_na=False)
+    assert set(split.loc[split.split == "test", "source"]) == {A}
+    assert (split.loc[split.source == A, "split"] == "test").all()
+    assert not set(split.loc[split.split == "test", "patient_id"]) & set(split.loc[split.split != "test", "patient_id"])
