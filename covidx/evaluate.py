@@ -8,6 +8,11 @@ segmenters a Dice/IoU report. With several checkpoints, every pair is compared
 ``--audit`` adds the shortcut audit: the share of Grad-CAM energy inside the lung
 mask, per image and per class, flagged when a class's median share is not above its
 chance level (the lung-area fraction); see :mod:`covidx.explain.audit`.
+
+Every classifier evaluation also writes ``report.html`` (one self-contained page: run,
+data, metrics with CIs and per source, figures, a Grad-CAM gallery, the audit; with
+several checkpoints one page holds them all and their comparison; see
+:mod:`covidx.evaluation.html`) and rewrites the run's ``MODEL_CARD.md``.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from pathlib import Path
 
 from covidx.data.sources import DatasetError
 from covidx.explain.runs import AUDIT_INPUTS, run_audit
-from covidx.reports import compare, evaluate_run, evaluation_table
+from covidx.model_card import write_model_card
+from covidx.reports import compare, evaluate_run, evaluation_table, report_section, write_report
 from covidx.runs import load_run, lung_region_input
 
 
@@ -36,6 +42,8 @@ def main(argv=None) -> int:
                     help="flag classes whose median (share inside lungs / lung-area fraction) is below this")
     ap.add_argument("--audit-input", default="auto", choices=AUDIT_INPUTS,
                     help="explain full images or their lung region (auto: the lung region for Regional-Learning runs)")
+    ap.add_argument("--gallery", type=int, default=2, metavar="N",
+                    help="report.html: Grad-CAM of the N most confident correct and wrong cases per class (0: none)")
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args(argv)
 
@@ -43,7 +51,7 @@ def main(argv=None) -> int:
     out_root = Path(args.out) if args.out else None
     if out_root is None and several:
         out_root = Path(f"evaluation-{time.strftime('%Y%m%d-%H%M%S')}")
-    results, summaries = {}, {}
+    results, summaries, sections = {}, {}, {}
     try:
         for ckpt in args.checkpoint:
             run = load_run(ckpt)
@@ -51,8 +59,11 @@ def main(argv=None) -> int:
             name = run.name
             key = name if name not in results else f"{name}-{len(results)}"
             out = (out_root / key) if several else (out_root or (run.directory or Path(ckpt).parent) / "eval")
-            m = evaluate_run(run, table, out, args.bootstrap, args.batch_size)
+            start = time.perf_counter()
+            m, probs = evaluate_run(run, table, out, args.bootstrap, args.batch_size, return_probs=True)
             summaries[key] = m
+            evaluated_on = (f"{', '.join(Path(d).name for d in args.data)} ({args.split} split where it has one)"
+                            if args.data else f"the run's held-out {args.split} split")
             print(f"{key}: {len(table)} images -> {out}")
             if run.regional:
                 print("  Regional-Learning run: " + ("scored on the lung region X_T = X_O * M (its cascade input)"
@@ -66,6 +77,7 @@ def main(argv=None) -> int:
                 results[key] = (run, table)
             else:
                 print(f"  mean Dice {m['mean_dice']:.4f}  mean IoU {m['mean_iou']:.4f}")
+            audit = None
             if args.audit:
                 audit = run_audit(run, table, out, min_enrichment=args.audit_min_enrichment, batch_size=args.batch_size,
                                   audit_input=args.audit_input)
@@ -73,8 +85,21 @@ def main(argv=None) -> int:
                            for c, v in audit["per_class"].items() if v["n"]}
                 print(f"  shortcut audit on the {audit['input']} images: median share of Grad-CAM inside the lungs "
                       f"{summary}; flagged: {audit['flagged'] or 'none'}")
+            if "accuracy" in m:
+                sections[key] = report_section(run, table, m, probs, evaluated_on, audit, args.gallery,
+                                               args.batch_size, name=key)
+                write_report(out / "report.html", [sections[key]])
+            if run.directory is not None:
+                card = write_model_card(run.directory, dict(
+                    metrics={k: v for k, v in m.items() if k not in ("files", "roc", "per_image")},
+                    evaluated_on=evaluated_on, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                    audit=None if audit is None else {k: audit[k] for k in ("per_class", "flagged", "input")}))
+                print(f"  model card {card}")
+            print(f"  evaluated in {time.perf_counter() - start:.1f} s")
         if several and len(results) > 1:
-            compare(results, out_root, args.batch_size)
+            comparison = compare(results, out_root, args.batch_size)
+            if comparison and len(sections) > 1:
+                write_report(out_root / "report.html", list(sections.values()), comparison)
     except (DatasetError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

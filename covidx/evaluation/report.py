@@ -19,6 +19,8 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from covidx.evaluation.metrics import (
     PER_CLASS_METRICS,
     classification_metrics,
@@ -119,6 +121,11 @@ def _classification_markdown(m: dict, model_name: str) -> str:
         [[names[i]] + [f"{cm['counts'][i][j]} ({cm['normalized'][i][j]:.2f})" for j in range(len(names))]
          for i in range(len(names))],
     )
+    if m.get("per_source"):
+        lines += ["", "## Per source", ""]
+        lines += _md_table(["Source", "Images", "Patients", "Accuracy", "Macro AUC"],
+                           [[src, v["n_samples"], v["n_patients"], _fmt_ci(v["accuracy"], v["ci"]["accuracy"]),
+                             _fmt_ci(v["macro"]["auc"], v["ci"]["macro_auc"])] for src, v in m["per_source"].items()])
     cal = m["calibration"]
     lines += ["", "## Calibration", "", f"Expected calibration error (ECE, {cal['n_bins']} equal-width bins): "
               f"{cal['ece']:.4f}; maximum calibration error: {cal['mce']:.4f}.", ""]
@@ -138,6 +145,24 @@ def _classification_csv_rows(m: dict) -> list[dict]:
     return rows
 
 
+def per_source_metrics(y_true, y_prob, class_names, sources, patient_ids=None, n_bootstrap=1000, seed=0) -> dict:
+    """Source name -> the summary metrics of that source's images (counts, accuracy, per-class
+    sensitivity / specificity / AUC, macro averages, and their bootstrap CIs)."""
+    sources = np.asarray([str(s) for s in sources])
+    y_true, y_prob = np.asarray(y_true), np.asarray(y_prob)
+    pids = None if patient_ids is None else np.asarray(patient_ids)
+    out = {}
+    for source in sorted(set(sources)):
+        sel = sources == source
+        sm = classification_metrics(y_true[sel], y_prob[sel], class_names,
+                                    patient_ids=None if pids is None else pids[sel],
+                                    n_bootstrap=n_bootstrap, seed=seed)
+        out[source] = {k: sm[k] for k in ("n_samples", "n_patients", "accuracy", "macro", "ci", "absent_classes")}
+        out[source]["per_class"] = {c: {k: v[k] for k in ("support", "sensitivity", "specificity", "auc")}
+                                    for c, v in sm["per_class"].items()}
+    return out
+
+
 def write_classification_report(
     y_true,
     y_prob,
@@ -148,8 +173,13 @@ def write_classification_report(
     n_bootstrap: int = 1000,
     seed: int = 0,
     n_bins: int = 15,
+    sources=None,
 ) -> dict:
     """Evaluate one model and write its report into ``out_dir``.
+
+    ``sources`` (one data-source name per image): when there are several, ``per_source``
+    holds the metrics of each source's images (DeGrave et al. 2021: a model that learnt the
+    source scores unevenly across sources), and ``metrics.md`` a table of them.
 
     Returns the metrics dict of :func:`~covidx.evaluation.metrics.classification_metrics`
     with ``model_name`` and ``files`` (name -> written path) added.
@@ -159,6 +189,8 @@ def write_classification_report(
     m = classification_metrics(y_true, y_prob, class_names, patient_ids=patient_ids,
                                n_bootstrap=n_bootstrap, seed=seed, n_bins=n_bins)
     m["model_name"] = model_name
+    if sources is not None and len(set(map(str, sources))) > 1:
+        m["per_source"] = per_source_metrics(y_true, y_prob, class_names, sources, patient_ids, n_bootstrap, seed)
     files = {
         "roc": plot_roc(m["roc"], out / "roc.png", title=f"{model_name}: ROC (one-vs-rest)"),
         "confusion": plot_confusion(m["confusion_matrix"]["counts"], class_names, out / "confusion.png",
