@@ -99,7 +99,9 @@ def render_model_card(config: Mapping, split: pd.DataFrame | None = None, evalua
     kind = config.get("kind", "classification")
     train = config.get("train", {})
     pre = config.get("preprocess", {})
-    synthetic = bool(config.get("synthetic"))
+    # Generated data: the run says so, or its sources do (covidx.data.synthetic names them "<layout>-synthetic").
+    synthetic = bool(config.get("synthetic")) or (
+        split is not None and "source" in split and split["source"].astype(str).str.contains("synthetic", case=False).any())
     L = [f"# Model card: {model}", ""]
     if synthetic:
         L += ["> **SYNTHETIC**: trained on procedurally generated images, not on patients. Its figures say nothing "

@@ -15,6 +15,7 @@ import pytest
 
 from covidx.evaluate import main as evaluate_main
 from covidx.evaluation.html import gallery_cases
+from covidx.model_card import render_model_card
 from tests.helpers import make_run
 
 SIZE = 32
@@ -271,3 +272,14 @@ def test_export_carries_the_model_card(evaluated, tmp_path):
     shutil.copytree(run, bare, ignore=shutil.ignore_patterns("MODEL_CARD.md", "model_card_evaluation.json", "eval"))
     card = (export(bare, tmp_path / "exports2") / "assets.extra" / "MODEL_CARD.md").read_text()
     assert "## Training data" in card and "Not evaluated yet" in card and (bare / "MODEL_CARD.md").is_file()
+
+
+def test_model_card_labels_generated_data_synthetic():
+    def split(source):
+        return pd.DataFrame(dict(source=[source] * 2, split=["train", "test"], patient_id=["p1", "p2"],
+                                 label=["viral", "normal"]))
+
+    banner = "> **SYNTHETIC**"
+    assert banner in render_model_card({"model": "m", "synthetic": True}, split("kermany"))
+    assert banner in render_model_card({"model": "m"}, split("kermany-synthetic"))  # a generated manifest
+    assert banner not in render_model_card({"model": "m"}, split("kermany"))
