@@ -14,6 +14,11 @@ source confounding (:mod:`covidx.evaluation.confounding`): per class, how well t
 source alone predicts it and the model's specificity within each source, with the
 flags written in words (``confounding.md``). A run trained with ``--test-source`` is
 reported as an external validation on its held-out source.
+
+Every classifier evaluation also writes ``report.html`` (one self-contained page: run,
+data, metrics with CIs and per source, figures, a Grad-CAM gallery, the audit; with
+several checkpoints one page holds them all and their comparison; see
+:mod:`covidx.evaluation.html`) and rewrites the run's ``MODEL_CARD.md``.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from pathlib import Path
 
 from covidx.data.sources import DatasetError
 from covidx.explain.runs import AUDIT_INPUTS, run_audit
-from covidx.reports import compare, evaluate_run, evaluation_table, validation_of
+from covidx.model_card import write_model_card
+from covidx.reports import compare, evaluate_run, evaluation_table, report_section, validation_of, write_report
 from covidx.runs import load_run, lung_region_input
 
 
@@ -44,6 +50,8 @@ def main(argv=None) -> int:
                     help="explain full images or their lung region (auto: the lung region for Regional-Learning runs)")
     ap.add_argument("--confounding", action=argparse.BooleanOptionalAction, default=None,
                     help="source-confounding audit (default: on when the images come from more than one source)")
+    ap.add_argument("--gallery", type=int, default=2, metavar="N",
+                    help="report.html: Grad-CAM of the N most confident correct and wrong cases per class (0: none)")
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args(argv)
 
@@ -51,7 +59,7 @@ def main(argv=None) -> int:
     out_root = Path(args.out) if args.out else None
     if out_root is None and several:
         out_root = Path(f"evaluation-{time.strftime('%Y%m%d-%H%M%S')}")
-    results, summaries = {}, {}
+    results, summaries, sections = {}, {}, {}
     try:
         for ckpt in args.checkpoint:
             run = load_run(ckpt)
@@ -60,9 +68,12 @@ def main(argv=None) -> int:
             key = name if name not in results else f"{name}-{len(results)}"
             out = (out_root / key) if several else (out_root or (run.directory or Path(ckpt).parent) / "eval")
             validation = validation_of(run, args.data, args.split)
-            m = evaluate_run(run, table, out, args.bootstrap, args.batch_size, confounding=args.confounding,
-                             validation=validation)
+            start = time.perf_counter()
+            m, probs = evaluate_run(run, table, out, args.bootstrap, args.batch_size, confounding=args.confounding,
+                                    validation=validation, return_probs=True)
             summaries[key] = m
+            evaluated_on = (f"{', '.join(Path(d).name for d in args.data)} ({args.split} split where it has one)"
+                            if args.data else f"the run's held-out {args.split} split")
             print(f"{key}: {len(table)} images -> {out}")
             if validation:
                 print(f"  external validation: the test split is every image of source {validation['source']!r}, "
@@ -83,13 +94,14 @@ def main(argv=None) -> int:
                         is not None else f"  {c}: spec {v['specificity']:.3f}"
                         for c, v in r["per_class"].items() if v["specificity"] is not None))
                 if "confounding" in m:
-                    audit = m["confounding"]
-                    print(f"  source-confounding audit ({', '.join(audit['sources'])}): flagged: "
-                          f"{', '.join(audit['flagged']) or 'none'} -> {audit['files']['markdown']}")
-                    for line in audit["summary"]:
+                    confounding = m["confounding"]
+                    print(f"  source-confounding audit ({', '.join(confounding['sources'])}): flagged: "
+                          f"{', '.join(confounding['flagged']) or 'none'} -> {confounding['files']['markdown']}")
+                    for line in confounding["summary"]:
                         print(f"    {line}")
             else:
                 print(f"  mean Dice {m['mean_dice']:.4f}  mean IoU {m['mean_iou']:.4f}")
+            audit = None
             if args.audit:
                 audit = run_audit(run, table, out, min_enrichment=args.audit_min_enrichment, batch_size=args.batch_size,
                                   audit_input=args.audit_input)
@@ -97,8 +109,21 @@ def main(argv=None) -> int:
                            for c, v in audit["per_class"].items() if v["n"]}
                 print(f"  shortcut audit on the {audit['input']} images: median share of Grad-CAM inside the lungs "
                       f"{summary}; flagged: {audit['flagged'] or 'none'}")
+            if "accuracy" in m:
+                sections[key] = report_section(run, table, m, probs, evaluated_on, audit, args.gallery,
+                                               args.batch_size, name=key)
+                write_report(out / "report.html", [sections[key]])
+            if run.directory is not None:
+                card = write_model_card(run.directory, dict(
+                    metrics={k: v for k, v in m.items() if k not in ("files", "roc", "per_image")},
+                    evaluated_on=evaluated_on, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                    audit=None if audit is None else {k: audit[k] for k in ("per_class", "flagged", "input")}))
+                print(f"  model card {card}")
+            print(f"  evaluated in {time.perf_counter() - start:.1f} s")
         if several and len(results) > 1:
-            compare(results, out_root, args.batch_size)
+            comparison = compare(results, out_root, args.batch_size)
+            if comparison and len(sections) > 1:
+                write_report(out_root / "report.html", list(sections.values()), comparison)
     except (DatasetError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

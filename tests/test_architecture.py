@@ -18,7 +18,7 @@ LAYERS = [
     ("covidx", "covidx.tasks", "covidx.weights", "covidx.layers", "covidx.evaluation"),
     ("covidx.data",),
     ("covidx.models",),
-    ("covidx.runs",),
+    ("covidx.runs", "covidx.model_card"),
     ("covidx.training",),
     ("covidx.explain",),
     ("covidx.systems", "covidx.reports"),

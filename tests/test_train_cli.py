@@ -52,6 +52,12 @@ def test_train_writes_a_complete_run(tmp_path, dataset):
     assert split.groupby("patient_id").split.nunique().max() == 1
     assert set(split.source) == {"kermany", "cohen"}
     assert len(pd.read_csv(run / "history.csv")) == 2
+    card = (run / "MODEL_CARD.md").read_text()  # Mitchell et al. 2019 sections, filled from this run
+    assert [h for h in card.splitlines() if h.startswith("## ")][:2] == ["## Model details", "## Intended use"]
+    assert "`baseline-mobilenetv2`" in card and cfg["paper"] in card and "Not evaluated yet" in card
+    for source, rows in split.groupby("source"):
+        train_rows = rows[rows.split == "train"]
+        assert f"| {source} | {len(train_rows)} ({train_rows.patient_id.nunique()} p) |" in card
     import keras
 
     import covidx.layers  # noqa: F401  (registers covidx's layers for load_model)

@@ -14,7 +14,8 @@ uint8 ``[None, S, S]`` (the per-pixel class) instead.
 
 Bad requests (not PNG/JPEG, an empty batch, an image over ``max_pixels``) fail with
 ``InvalidArgument`` and a message saying which; nothing crashes or hangs. The run's
-``config.json`` goes to ``assets.extra/covidx.json`` (TF Serving ignores that folder).
+``config.json`` goes to ``assets.extra/covidx.json`` and its model card (:mod:`covidx.model_card`) to
+``assets.extra/MODEL_CARD.md`` (TF Serving ignores that folder).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import tensorflow as tf
 
 from covidx.data.inference import preprocess_bytes
 from covidx.data.io import DEFAULT_MAX_PIXELS
+from covidx.model_card import CARD_NAME, card_text
 from covidx.runs import Run, load_run
 
 
@@ -76,9 +78,11 @@ def build_archive(run: Run, max_pixels: int = DEFAULT_MAX_PIXELS) -> keras.expor
     return archive
 
 
-def write_version(archive: keras.export.ExportArchive, out_dir, name: str, version: int | None, meta: dict) -> Path:
+def write_version(archive: keras.export.ExportArchive, out_dir, name: str, version: int | None, meta: dict,
+                  extra_files: dict[str, str] | None = None) -> Path:
     """Write ``archive`` as ``out_dir/<name>/<version>/`` (next free version when ``None``) with
-    ``meta`` in ``assets.extra/covidx.json``; returns the version folder."""
+    ``meta`` in ``assets.extra/covidx.json`` and ``extra_files`` (file name -> text, e.g. the model
+    card) beside it; returns the version folder."""
     base = Path(out_dir) / name
     base.mkdir(parents=True, exist_ok=True)
     version = version or next_version(base)
@@ -91,6 +95,8 @@ def write_version(archive: keras.export.ExportArchive, out_dir, name: str, versi
     extra = tmp / "assets.extra"
     extra.mkdir(exist_ok=True)
     (extra / "covidx.json").write_text(json.dumps(meta, indent=2))
+    for file_name, text in (extra_files or {}).items():
+        (extra / file_name).write_text(text)
     tmp.rename(target)  # TF Serving never sees a half-written version
     return target
 
@@ -100,4 +106,5 @@ def export(checkpoint, out_dir, version: int | None = None, max_pixels: int = DE
     """Export a run (or ``.keras`` file) to ``out_dir/<name>/<version>/``; returns that version folder."""
     run = load_run(checkpoint)
     return write_version(build_archive(run, max_pixels), out_dir, name or serving_name(run), version,
-                         {**run.config.to_dict(), "max_pixels": max_pixels})
+                         {**run.config.to_dict(), "max_pixels": max_pixels},
+                         {CARD_NAME: card_text(run.directory, run.config.to_dict())})

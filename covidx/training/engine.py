@@ -29,6 +29,7 @@ from covidx.data.splitfile import read_split_file, write_split_file
 from covidx.data.synthetic import write_dataset
 from covidx.data.verify import verify_table
 from covidx.models import create_model, get_spec
+from covidx.model_card import write_model_card
 from covidx.models.cascade import TRAINING_HINT
 from covidx.runs import LUNG_MASK, SPLIT_FILE, RunConfig
 from covidx.tasks import get_task
@@ -270,4 +271,5 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
           f"{cfg.epochs} epochs, run directory {run_dir}", flush=True)
     trainer.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks, verbose=cfg.verbose,
                 shuffle=False)  # the dataset shuffles itself
+    write_model_card(run_dir)  # what the model is for and is not; python -m covidx.evaluate adds its metrics
     return run_dir
