@@ -59,6 +59,8 @@ class TrainConfig:
     trainer: str | None = None  # override the preset's train step (e.g. "moex" instead of "regional": ablations)
     trainer_kwargs: dict = field(default_factory=dict)  # trainer arguments (e.g. MAG-SD augmentations)
     cache: bool = True
+    shuffle: bool = True  # off: batches in table order (reproducibility checks across strategies)
+    sync_batchnorm: bool = False  # batch statistics over the global batch (all replicas) instead of per replica
     verbose: int = 1
 
     def to_dict(self) -> dict:
@@ -128,15 +130,10 @@ def build_optimizer(cfg: TrainConfig, steps_per_epoch: int):
 
 
 def get_strategy(name: str):
-    import tensorflow as tf
+    """The tf.distribute strategy ``name`` (see :mod:`covidx.training.distribute`); created once per process."""
+    from covidx.training.distribute import create_strategy
 
-    if name == "default":
-        return tf.distribute.get_strategy()
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if name == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy()  # cluster from the TF_CONFIG environment variable
-    raise ValueError(f"unknown strategy {name!r} (default, mirrored, multiworker)")
+    return create_strategy(name)
 
 
 def prepare_data(cfg: TrainConfig, task, report=None):
@@ -161,7 +158,26 @@ def prepare_data(cfg: TrainConfig, task, report=None):
 
 
 def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
-    """Train; returns the run directory. ``resume`` continues an earlier run in place."""
+    """Train; returns the run directory. ``resume`` continues an earlier run in place.
+
+    Under ``strategy="multiworker"`` every worker process calls this with the same settings (its own
+    ``TF_CONFIG``); only the chief writes the run folder (:mod:`covidx.training.distribute`).
+    """
+    if resume is not None:
+        run_dir = Path(resume)
+        saved = json.loads((run_dir / "config.json").read_text())["train"]
+        if cfg.epochs is not None:
+            saved["epochs"] = cfg.epochs  # the one thing a resume may change: train longer
+        cfg = TrainConfig(**saved)
+    # Before TensorFlow runs any op: collective ops (multiworker) are configured at program startup.
+    strategy = get_strategy(cfg.strategy)
+    from covidx.training.distribute import broadcast_text, is_chief, worker_directory
+
+    with worker_directory(cfg.out) as scratch:
+        return _train(cfg, strategy, resume, is_chief(), scratch, broadcast_text)
+
+
+def _train(cfg, strategy, resume, chief, scratch, broadcast_text) -> Path:
     import warnings
 
     import keras
@@ -169,15 +185,10 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
 
     from covidx.data import PreprocessConfig, balanced_class_weights, make_dataset, split_summary
     from covidx.models import create_model
+    from covidx.training.distribute import WorkerBackupAndRestore, distributed_datasets
     from covidx.training.trainers import get_trainer
     import covidx.training  # noqa: F401  (registers every trainer)
 
-    if resume is not None:
-        run_dir = Path(resume)
-        saved = json.loads((run_dir / "config.json").read_text())["train"]
-        if cfg.epochs is not None:
-            saved["epochs"] = cfg.epochs  # the one thing a resume may change: train longer
-        cfg = TrainConfig(**saved)
     cfg, preset, task = resolve(cfg)
     keras.utils.set_random_seed(cfg.seed)
     # Epoch length is unknown until the first pass (unreadable files are skipped), which Keras warns about.
@@ -185,7 +196,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
     if cfg.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
 
-    table, report, respect = prepare_data(cfg, task)
+    # Generated files (synthetic default data, predicted lung masks) of a non-chief worker go to its scratch folder.
+    table, report, respect = prepare_data(cfg if chief else dataclasses.replace(cfg, out=str(scratch)), task)
     for line in report.lines()[:50]:
         print(f"  {line}")
     if len(report.lines()) > 50:
@@ -202,26 +214,56 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
     cw = None
     if cfg.class_weights and task.kind == "classification":
         cw = balanced_class_weights(train_t["label_index"], task.num_classes)
-    train_ds = make_dataset(train_t, task, pre, training=True, batch_size=cfg.batch_size, class_weights=cw,
-                            lung_masks=lung, cache=cfg.cache, seed=cfg.seed)
-    val_ds = (make_dataset(val_t, task, pre, batch_size=cfg.batch_size, lung_masks=lung, cache=cfg.cache)
-              if len(val_t) else None)
-    steps = -(-len(train_t) // cfg.batch_size)
-    if cfg.steps_per_epoch:
-        steps = min(steps, cfg.steps_per_epoch)
-        train_ds = train_ds.take(steps)
-        val_ds = val_ds.take(max(1, cfg.steps_per_epoch)) if val_ds is not None else None
+    distributed = strategy.num_replicas_in_sync > 1
+    if distributed:
+        # Each worker builds the pipeline of its shard of the table with the per-replica batch.
+        def build_train(shard, batch, index):
+            return make_dataset(shard, task, pre, training=True, batch_size=batch, class_weights=cw, lung_masks=lung,
+                                cache=cfg.cache, shuffle=cfg.shuffle, seed=cfg.seed + 1_000_003 * index,
+                                drop_remainder=True)
 
-    if resume is None:
+        def build_val(shard, batch, index):
+            return make_dataset(shard, task, pre, batch_size=batch, lung_masks=lung, cache=cfg.cache)
+
+        train_ds, steps = distributed_datasets(strategy, train_t, cfg.batch_size, build_train, True, cfg.steps_per_epoch)
+        if not steps:
+            raise ValueError(f"the training split ({len(train_t)} images) is smaller than one global batch of "
+                             f"{cfg.batch_size} over {strategy.num_replicas_in_sync} replicas")
+        val_ds, val_steps = distributed_datasets(strategy, val_t, cfg.batch_size, build_val, False, cfg.steps_per_epoch)
+        sample = next(iter(build_train(train_t, cfg.batch_size // strategy.num_replicas_in_sync, 0)))
+    else:
+        train_ds = make_dataset(train_t, task, pre, training=True, batch_size=cfg.batch_size, class_weights=cw,
+                                lung_masks=lung, cache=cfg.cache, shuffle=cfg.shuffle, seed=cfg.seed)
+        val_ds = (make_dataset(val_t, task, pre, batch_size=cfg.batch_size, lung_masks=lung, cache=cfg.cache)
+                  if len(val_t) else None)
+        steps = -(-len(train_t) // cfg.batch_size)
+        if cfg.steps_per_epoch:
+            steps = min(steps, cfg.steps_per_epoch)
+            train_ds = train_ds.take(steps)
+            val_ds = val_ds.take(max(1, cfg.steps_per_epoch)) if val_ds is not None else None
+        sample = next(iter(train_ds))
+        val_steps = None
+
+    if resume is not None:
+        run_dir = Path(resume)
+    else:
         run_dir = Path(cfg.out) / cfg.model / time.strftime("%Y%m%d-%H%M%S")
-        while run_dir.exists():
-            run_dir = run_dir.with_name(run_dir.name + "_")
-        run_dir.mkdir(parents=True)
-    table.to_csv(run_dir / "split.csv", index=False)
+        if chief:
+            while run_dir.exists():
+                run_dir = run_dir.with_name(run_dir.name + "_")
+            run_dir.mkdir(parents=True)
+        run_dir = Path(broadcast_text(strategy, str(run_dir)))  # every worker: the chief's folder
+    out_dir = run_dir if chief else scratch  # where this worker writes
+    if chief:
+        table.to_csv(run_dir / "split.csv", index=False)
 
-    with get_strategy(cfg.strategy).scope():
+    with strategy.scope():
         net = create_model(cfg.model, num_classes=task.num_classes, image_size=pre.image_size,
                            channels=pre.channels, weights=cfg.weights, **cfg.model_kwargs)
+        if cfg.sync_batchnorm:
+            from covidx.training.distribute import synchronize_batchnorm
+
+            synchronize_batchnorm(net)
         trainer = trainer_cls(net, **cfg.trainer_kwargs)
         if task.kind == "segmentation":
             from covidx.training.segmentation import DiceCoefficient, DiceCrossEntropyLoss, IoUScore
@@ -231,8 +273,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
             loss = keras.losses.CategoricalCrossentropy()
             metrics = [keras.metrics.CategoricalAccuracy(name="accuracy"), keras.metrics.AUC(name="auc", multi_label=True)]
         trainer.compile(optimizer=build_optimizer(cfg, steps), loss=loss, metrics=metrics)
-        x0 = next(iter(train_ds))[0]
-        trainer(x0)  # build before BackupAndRestore restores weights
+        trainer(sample[0])  # build before BackupAndRestore restores weights
+        trainer.sample_batch = sample
 
     config = {
         "model": cfg.model, "task": task.name, "classes": list(task.classes), "kind": task.kind,
@@ -241,21 +283,26 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
         "parameters": int(net.count_params()), "paper": preset.paper,
         "versions": {"covidx": __import__("covidx").__version__, "tensorflow": tf.__version__, "keras": keras.__version__},
         "synthetic": not cfg.data,
+        "replicas": strategy.num_replicas_in_sync,
     }
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    if chief:
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     from covidx.training.callbacks import NetCheckpoint
 
     monitor = "val_loss" if val_ds is not None else "loss"
     callbacks = [
-        keras.callbacks.BackupAndRestore(str(run_dir / "backup"), delete_checkpoint=False),
-        NetCheckpoint(run_dir, monitor=monitor),
-        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
-        keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False, profile_batch=0),
+        WorkerBackupAndRestore(run_dir / "backup", out_dir / "backup", delete_checkpoint=False),
+        NetCheckpoint(out_dir, monitor=monitor),
+        keras.callbacks.CSVLogger(str(out_dir / "history.csv"), append=True),
+        keras.callbacks.TensorBoard(str(out_dir / "tensorboard"), write_graph=False, profile_batch=0),
     ]
     print(f"training {cfg.model} ({net.count_params():,} parameters) on {len(train_t)} images, "
-          f"{cfg.epochs} epochs, run directory {run_dir}", flush=True)
+          f"{cfg.epochs} epochs, run directory {run_dir}"
+          + (f", {strategy.num_replicas_in_sync} replicas ({'chief' if chief else 'worker'})" if distributed else ""),
+          flush=True)
     trainer.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks, verbose=cfg.verbose,
-                shuffle=False)  # the dataset shuffles itself
+                shuffle=False, steps_per_epoch=steps if distributed else None,  # the dataset shuffles itself
+                validation_steps=val_steps or None)
     return run_dir
 
 
@@ -301,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--trainer-arg", dest="trainer_kwargs", action="append", default=[], metavar="KEY=VALUE",
                     help="trainer argument, e.g. augmentations=2, regularizer=l2 (repeatable)")
     ap.add_argument("--no-cache", dest="cache", action="store_false")
+    ap.add_argument("--no-shuffle", dest="shuffle", action="store_false",
+                    help="batches in table order (reproducibility checks across strategies)")
+    ap.add_argument("--sync-batchnorm", action="store_true",
+                    help="batch normalisation over the global batch (all replicas) instead of each replica's")
     ap.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
     return ap
 
