@@ -245,11 +245,10 @@ def synchronize_batchnorm(net: keras.Model) -> int:
     step, so N replicas normalise as one device on the global batch would (per-replica statistics
     are the default, as PyTorch ``DataParallel`` of the papers' code). Returns the layers switched.
     """
-    count, stack = 0, list(net.layers)
-    while stack:
-        layer = stack.pop()
+    count = 0
+    # _flatten_layers also reaches the sublayers a custom layer holds (e.g. MultiscaleAttention's BN).
+    for layer in net._flatten_layers(include_self=False, recursive=True):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.synchronized = True
             count += 1
-        stack.extend(getattr(layer, "layers", []))
     return count
