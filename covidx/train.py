@@ -61,6 +61,7 @@ class TrainConfig:
     cache: bool = True
     shuffle: bool = True  # off: batches in table order (reproducibility checks across strategies)
     sync_batchnorm: bool = False  # batch statistics over the global batch (all replicas) instead of per replica
+    run_name: str | None = None  # OUT/<model>/<run_name> instead of a timestamp; continued if it exists (restarted jobs)
     verbose: int = 1
 
     def to_dict(self) -> dict:
@@ -163,6 +164,10 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
     Under ``strategy="multiworker"`` every worker process calls this with the same settings (its own
     ``TF_CONFIG``); only the chief writes the run folder (:mod:`covidx.training.distribute`).
     """
+    if resume is None and cfg.run_name:
+        named = Path(cfg.out) / cfg.model / cfg.run_name
+        if (named / "config.json").is_file():  # a restarted job continues its run
+            resume = named
     if resume is not None:
         run_dir = Path(resume)
         saved = json.loads((run_dir / "config.json").read_text())["train"]
@@ -247,8 +252,10 @@ def _train(cfg, strategy, resume, chief, scratch, broadcast_text) -> Path:
     if resume is not None:
         run_dir = Path(resume)
     else:
-        run_dir = Path(cfg.out) / cfg.model / time.strftime("%Y%m%d-%H%M%S")
-        if chief:
+        run_dir = Path(cfg.out) / cfg.model / (cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))
+        if chief and cfg.run_name:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        elif chief:
             while run_dir.exists():
                 run_dir = run_dir.with_name(run_dir.name + "_")
             run_dir.mkdir(parents=True)
@@ -337,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a trained lung-unet run: predicts lung masks for images without one (Regional Learning)")
     ap.add_argument("--out", default="runs", help="runs are written to OUT/<model>/<timestamp>/")
     ap.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last epoch")
+    ap.add_argument("--run-name", help="write OUT/<model>/RUN_NAME (not a timestamp); continue it if it exists "
+                                       "(the same command restarts a killed cluster job)")
     ap.add_argument("--strategy", default="default", choices=("default", "mirrored", "multiworker"))
     ap.add_argument("--mixed-precision", action="store_true", help="mixed_float16 policy")
     ap.add_argument("--no-verify", dest="verify", action="store_false", help="skip the full decode check of every file")
