@@ -106,3 +106,40 @@ def test_two_workers_train_like_one_process_and_only_the_chief_writes(tmp_path):
     loaded = load_run(run)
     assert loaded.model.output_shape == (None, len(config["classes"]))
     assert loaded.split_table()["split"].tolist() == pd.read_csv(single_run / "split.csv")["split"].tolist()
+
+
+@pytest.mark.slow
+def test_killed_worker_job_restarts_and_continues_from_the_last_epoch(tmp_path):
+    """BackupAndRestore across workers: worker 1 is killed after an epoch, the job is started again unchanged."""
+    import time
+
+    data = tmp_path / "data"
+    write_dataset(data, n_patients=24, size=64, seed=1)
+    scratch = tmp_path / "worker-tmp"
+    scratch.mkdir()
+    out = tmp_path / "runs"
+    four_epochs = list(ARGS)
+    four_epochs[ARGS.index("--epochs") + 1] = "4"
+    args = ["--data", str(data / "manifest.csv"), "--out", str(out), "--strategy", "multiworker", "--run-name", "job",
+            *four_epochs]
+    history = out / "vgg19-gap" / "job" / "history.csv"
+    ports = free_ports(2)
+    procs = [subprocess.Popen([sys.executable, "-m", "covidx.train", *args], env=worker_env(scratch, ports, i),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
+    deadline = time.time() + 600
+    while time.time() < deadline and not (history.is_file() and len(history.read_text().splitlines()) >= 2):
+        assert procs[0].poll() is None, "the chief ended before finishing an epoch"
+        time.sleep(0.2)
+    procs[1].kill()  # a worker dies mid-job ...
+    procs[1].wait()
+    procs[0].kill()  # ... and the job is torn down (the chief would wait on the dead worker's collectives)
+    procs[0].wait()
+    done = len(pd.read_csv(history))
+    assert 1 <= done < 4
+
+    codes, logs = launch(args, [worker_env(scratch, free_ports(2), i) for i in range(2)])  # the same command again
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+    epochs = pd.read_csv(history)["epoch"].tolist()
+    assert epochs[:done] == list(range(done)) and epochs[-1] == 3
+    assert epochs[done] == done  # continued after the last finished epoch, not from epoch 0
+    assert [p.name for p in (out / "vgg19-gap").iterdir()] == ["job"]
