@@ -59,9 +59,13 @@ def run(args) -> None:
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     ds = ds.with_options(options)
+    from covidx.training.trainers import Trainer  # covidx's train step (loss scaling, multi-worker logs)
+
     with strategy.scope():
-        model = keras.applications.ResNet50(weights=None, input_shape=(args.size, args.size, 3), classes=4)
+        net = keras.applications.ResNet50(weights=None, input_shape=(args.size, args.size, 3), classes=4)
+        model = Trainer(net)
         model.compile(keras.optimizers.SGD(0.01), "categorical_crossentropy")
+        model.sample_batch = (x, y)
     if workers > 1:  # each worker's tensors are its half of the global batch
         ds = strategy.experimental_distribute_dataset(ds)
     model.fit(ds, steps_per_epoch=args.warmup, epochs=1, verbose=0)
