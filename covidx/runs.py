@@ -50,6 +50,7 @@ class RunConfig:
     versions: dict = field(default_factory=dict)
     synthetic: bool = False  # trained on covidx's generated data (procedural images, not patients)
     test_source: str | None = None  # leave-one-source-out (--test-source): its test split is this whole source
+    replicas: int = 1  # data-parallel replicas it trained on (tf.distribute); the global batch is split across them
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept on a round trip
 
     @property

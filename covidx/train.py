@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a trained lung-unet run: predicts lung masks for images without one (Regional Learning)")
     ap.add_argument("--out", default="runs", help="runs are written to OUT/<model>/<timestamp>/")
     ap.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last epoch")
+    ap.add_argument("--run-name", help="write OUT/<model>/RUN_NAME (not a timestamp); continue it if it exists "
+                                       "(the same command restarts a killed cluster job)")
     ap.add_argument("--strategy", default="default", choices=("default", "mirrored", "multiworker"))
     ap.add_argument("--mixed-precision", action="store_true", help="mixed_float16 policy")
     ap.add_argument("--no-verify", dest="verify", action="store_false", help="skip the full decode check of every file")
@@ -67,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--trainer-arg", dest="trainer_kwargs", action="append", default=[], metavar="KEY=VALUE",
                     help="trainer argument, e.g. augmentations=2, regularizer=l2 (repeatable)")
     ap.add_argument("--no-cache", dest="cache", action="store_false")
+    ap.add_argument("--no-shuffle", dest="shuffle", action="store_false",
+                    help="batches in table order (reproducibility checks across strategies)")
+    ap.add_argument("--sync-batchnorm", action="store_true",
+                    help="batch normalisation over the global batch (all replicas) instead of each replica's")
     ap.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
     add_split_arguments(ap)  # --seed, fractions, --respect-source-split, --views, patients, duplicates
     return ap

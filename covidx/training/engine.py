@@ -31,9 +31,18 @@ from covidx.data.verify import verify_table
 from covidx.models import create_model, get_spec
 from covidx.model_card import write_model_card
 from covidx.models.cascade import TRAINING_HINT
-from covidx.runs import LUNG_MASK, SPLIT_FILE, RunConfig
+from covidx.runs import CONFIG_FILE, LUNG_MASK, SPLIT_FILE, RunConfig
 from covidx.tasks import get_task
 from covidx.training.callbacks import NetCheckpoint
+from covidx.training.distribute import (
+    WorkerBackupAndRestore,
+    broadcast_text,
+    create_strategy,
+    distributed_datasets,
+    is_chief,
+    synchronize_batchnorm,
+    worker_directory,
+)
 from covidx.training.lung_masks import attach_lung_masks
 from covidx.training.segmentation import DiceCoefficient, DiceCrossEntropyLoss, IoUScore
 from covidx.training.trainers import get_trainer
@@ -89,6 +98,9 @@ class TrainConfig:
     trainer: str | None = None  # override the preset's train step (e.g. "moex" instead of "regional": ablations)
     trainer_kwargs: dict = field(default_factory=dict)  # trainer arguments (e.g. MAG-SD augmentations)
     cache: bool = True
+    shuffle: bool = True  # off: batches in table order (reproducibility checks across strategies)
+    sync_batchnorm: bool = False  # batch statistics over the global batch (all replicas) instead of per replica
+    run_name: str | None = None  # OUT/<model>/<run_name> instead of a timestamp; continued if it exists (restarted jobs)
     verbose: int = 1
 
     def to_dict(self) -> dict:
@@ -149,13 +161,8 @@ def build_optimizer(cfg: TrainConfig, steps_per_epoch: int):
 
 
 def get_strategy(name: str):
-    if name == "default":
-        return tf.distribute.get_strategy()
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if name == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy()  # cluster from the TF_CONFIG environment variable
-    raise ValueError(f"unknown strategy {name!r} (default, mirrored, multiworker)")
+    """The tf.distribute strategy ``name`` (see :mod:`covidx.training.distribute`); created once per process."""
+    return create_strategy(name)
 
 
 def split_options(cfg: TrainConfig) -> SplitOptions:
@@ -187,13 +194,27 @@ def prepare_data(cfg: TrainConfig, task):
 
 
 def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
-    """Train; returns the run directory. ``resume`` continues an earlier run in place."""
+    """Train; returns the run directory. ``resume`` continues an earlier run in place.
+
+    Under ``strategy="multiworker"`` every worker process calls this with the same settings (its own
+    ``TF_CONFIG``); only the chief writes the run folder (:mod:`covidx.training.distribute`).
+    """
+    if resume is None and cfg.run_name:
+        named = Path(cfg.out) / cfg.model / cfg.run_name
+        if (named / CONFIG_FILE).is_file():  # a restarted job continues its run
+            resume = named
     if resume is not None:
-        run_dir = Path(resume)
-        saved = RunConfig.load(run_dir).train
+        saved = RunConfig.load(resume).train
         if cfg.epochs is not None:
             saved["epochs"] = cfg.epochs  # the one thing a resume may change: train longer
         cfg = TrainConfig(**saved)
+    # Before TensorFlow runs any op: collective ops (multiworker) are configured at program startup.
+    strategy = get_strategy(cfg.strategy)
+    with worker_directory(cfg.out) as scratch:
+        return _train(cfg, strategy, resume, is_chief(), scratch)
+
+
+def _train(cfg: TrainConfig, strategy, resume, chief: bool, scratch: Path) -> Path:
     cfg, preset, task = resolve(cfg)
     keras.utils.set_random_seed(cfg.seed)
     # Epoch length is unknown until the first pass (unreadable files are skipped), which Keras warns about.
@@ -201,7 +222,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
     if cfg.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
 
-    table, report, respect = prepare_data(cfg, task)
+    # Generated files (synthetic default data, predicted lung masks) of a non-chief worker go to its scratch folder.
+    table, report, respect = prepare_data(cfg if chief else dataclasses.replace(cfg, out=str(scratch)), task)
     for line in report.lines()[:50]:
         print(f"  {line}")
     if len(report.lines()) > 50:
@@ -222,26 +244,56 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
     cw = None
     if cfg.class_weights and task.kind == "classification":
         cw = balanced_class_weights(train_t["label_index"], task.num_classes)
-    train_ds = make_dataset(train_t, task, pre, training=True, batch_size=cfg.batch_size, class_weights=cw,
-                            lung_masks=lung, cache=cfg.cache, seed=cfg.seed)
-    val_ds = (make_dataset(val_t, task, pre, batch_size=cfg.batch_size, lung_masks=lung, cache=cfg.cache)
-              if len(val_t) else None)
-    steps = -(-len(train_t) // cfg.batch_size)
-    if cfg.steps_per_epoch:
-        steps = min(steps, cfg.steps_per_epoch)
-        train_ds = train_ds.take(steps)
-        val_ds = val_ds.take(max(1, cfg.steps_per_epoch)) if val_ds is not None else None
+    distributed = strategy.num_replicas_in_sync > 1
+    if distributed:
+        # Each worker builds the pipeline of its shard of the table with the per-replica batch.
+        def build_train(shard, batch, index):
+            return make_dataset(shard, task, pre, training=True, batch_size=batch, class_weights=cw, lung_masks=lung,
+                                cache=cfg.cache, shuffle=cfg.shuffle, seed=cfg.seed + 1_000_003 * index,
+                                drop_remainder=True)
 
-    if resume is None:
-        run_dir = Path(cfg.out) / cfg.model / time.strftime("%Y%m%d-%H%M%S")
-        while run_dir.exists():
-            run_dir = run_dir.with_name(run_dir.name + "_")
-        run_dir.mkdir(parents=True)
-    write_split_file(table, run_dir / SPLIT_FILE)  # absolute paths: evaluation works from any folder
+        def build_val(shard, batch, index):
+            return make_dataset(shard, task, pre, batch_size=batch, lung_masks=lung, cache=cfg.cache)
 
-    with get_strategy(cfg.strategy).scope():
+        train_ds, steps = distributed_datasets(strategy, train_t, cfg.batch_size, build_train, True, cfg.steps_per_epoch)
+        if not steps:
+            raise TrainingError(f"the training split ({len(train_t)} images) is smaller than one global batch of "
+                                f"{cfg.batch_size} over {strategy.num_replicas_in_sync} replicas")
+        val_ds, val_steps = distributed_datasets(strategy, val_t, cfg.batch_size, build_val, False, cfg.steps_per_epoch)
+        sample = next(iter(build_train(train_t, cfg.batch_size // strategy.num_replicas_in_sync, 0)))
+    else:
+        train_ds = make_dataset(train_t, task, pre, training=True, batch_size=cfg.batch_size, class_weights=cw,
+                                lung_masks=lung, cache=cfg.cache, shuffle=cfg.shuffle, seed=cfg.seed)
+        val_ds = (make_dataset(val_t, task, pre, batch_size=cfg.batch_size, lung_masks=lung, cache=cfg.cache)
+                  if len(val_t) else None)
+        steps = -(-len(train_t) // cfg.batch_size)
+        if cfg.steps_per_epoch:
+            steps = min(steps, cfg.steps_per_epoch)
+            train_ds = train_ds.take(steps)
+            val_ds = val_ds.take(max(1, cfg.steps_per_epoch)) if val_ds is not None else None
+        sample = next(iter(train_ds))
+        val_steps = None
+
+    if resume is not None:
+        run_dir = Path(resume)
+    else:
+        run_dir = Path(cfg.out) / cfg.model / (cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))
+        if chief and cfg.run_name:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        elif chief:
+            while run_dir.exists():
+                run_dir = run_dir.with_name(run_dir.name + "_")
+            run_dir.mkdir(parents=True)
+        run_dir = Path(broadcast_text(strategy, str(run_dir)))  # every worker: the chief's folder
+    out_dir = run_dir if chief else scratch  # where this worker writes
+    if chief:
+        write_split_file(table, run_dir / SPLIT_FILE)  # absolute paths: evaluation works from any folder
+
+    with strategy.scope():
         net = create_model(cfg.model, num_classes=task.num_classes, image_size=pre.image_size,
                            channels=pre.channels, weights=cfg.weights, **cfg.model_kwargs)
+        if cfg.sync_batchnorm:
+            synchronize_batchnorm(net)
         trainer = trainer_cls(net, **cfg.trainer_kwargs)
         if task.kind == "segmentation":
             loss, metrics = DiceCrossEntropyLoss(), [DiceCoefficient(), IoUScore()]
@@ -249,27 +301,32 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
             loss = keras.losses.CategoricalCrossentropy()
             metrics = [keras.metrics.CategoricalAccuracy(name="accuracy"), keras.metrics.AUC(name="auc", multi_label=True)]
         trainer.compile(optimizer=build_optimizer(cfg, steps), loss=loss, metrics=metrics)
-        x0 = next(iter(train_ds))[0]
-        trainer(x0)  # build before BackupAndRestore restores weights
+        trainer(sample[0])  # build before BackupAndRestore restores weights
+        trainer.sample_batch = sample
 
-    RunConfig(
-        model=cfg.model, task=task.name, classes=list(task.classes), kind=task.kind, preprocess=pre,
-        trainer=cfg.trainer, trainer_inputs=list(trainer_cls.needs), train=cfg.to_dict(),
-        respect_source_split=respect, class_weights=None if cw is None else [float(w) for w in cw],
-        parameters=int(net.count_params()), paper=preset.paper,
-        versions={"covidx": covidx.__version__, "tensorflow": tf.__version__, "keras": keras.__version__},
-        synthetic=not cfg.data, test_source=cfg.test_source,
-    ).save(run_dir)
+    if chief:
+        RunConfig(
+            model=cfg.model, task=task.name, classes=list(task.classes), kind=task.kind, preprocess=pre,
+            trainer=cfg.trainer, trainer_inputs=list(trainer_cls.needs), train=cfg.to_dict(),
+            respect_source_split=respect, class_weights=None if cw is None else [float(w) for w in cw],
+            parameters=int(net.count_params()), paper=preset.paper,
+            versions={"covidx": covidx.__version__, "tensorflow": tf.__version__, "keras": keras.__version__},
+            synthetic=not cfg.data, test_source=cfg.test_source, replicas=strategy.num_replicas_in_sync,
+        ).save(run_dir)
     monitor = "val_loss" if val_ds is not None else "loss"
     callbacks = [
-        keras.callbacks.BackupAndRestore(str(run_dir / "backup"), delete_checkpoint=False),
-        NetCheckpoint(run_dir, monitor=monitor),
-        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
-        keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False, profile_batch=0),
+        WorkerBackupAndRestore(run_dir / "backup", out_dir / "backup", delete_checkpoint=False),
+        NetCheckpoint(out_dir, monitor=monitor),
+        keras.callbacks.CSVLogger(str(out_dir / "history.csv"), append=True),
+        keras.callbacks.TensorBoard(str(out_dir / "tensorboard"), write_graph=False, profile_batch=0),
     ]
     print(f"training {cfg.model} ({net.count_params():,} parameters) on {len(train_t)} images, "
-          f"{cfg.epochs} epochs, run directory {run_dir}", flush=True)
+          f"{cfg.epochs} epochs, run directory {run_dir}"
+          + (f", {strategy.num_replicas_in_sync} replicas ({'chief' if chief else 'worker'})" if distributed else ""),
+          flush=True)
     trainer.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks, verbose=cfg.verbose,
-                shuffle=False)  # the dataset shuffles itself
-    write_model_card(run_dir)  # what the model is for and is not; python -m covidx.evaluate adds its metrics
+                shuffle=False, steps_per_epoch=steps if distributed else None,  # the dataset shuffles itself
+                validation_steps=val_steps or None)
+    if chief:
+        write_model_card(run_dir)  # what the model is for and is not; python -m covidx.evaluate adds its metrics
     return run_dir

@@ -27,6 +27,7 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
+from covidx.layers.moex import StepSeeds, gather_replicas, replica_context, uniform
 from covidx.models.magsd import ATTENTION_MAPS, PREDICTIONS, attention_view
 from covidx.training.trainers import Trainer, image_of, register_trainer
 
@@ -35,6 +36,23 @@ AUGMENTATIONS = ("mixup", "dim", "patch")
 # patching" (Table 7 labels the 2-augmentation row AM + AD; pass a tuple to choose).
 AUGMENTATIONS_BY_COUNT = {0: (), 1: ("mixup",), 2: ("mixup", "patch"), 3: ("mixup", "dim", "patch")}
 _EPS = 1e-12
+
+
+# ----------------------------------------------------------------------------- randomness
+
+
+def _rows_of_global_draw(draw, batch):
+    """This replica's rows of ``draw(rows)`` taken over the global batch (``draw(batch)`` on one replica).
+
+    Every replica draws the same numbers (same seed state) for all ``batch x replicas`` samples and
+    keeps its own rows, so N replicas augment sample ``i`` of a global batch as one device would
+    (and two replicas never reuse each other's draws).
+    """
+    replicas, replica = replica_context()
+    if replicas == 1:
+        return draw(batch)
+    start = tf.cast(replica, tf.int32) * tf.cast(batch, tf.int32)
+    return tf.gather(draw(batch * replicas), tf.range(batch) + start)
 
 
 # ----------------------------------------------------------------------------- attention maps
@@ -54,8 +72,14 @@ def sample_attention_maps(attention_maps, num_draws: int = 3, seed=None):
     detached (the augmentations are not differentiated).
     """
     a = tf.stop_gradient(tf.cast(attention_maps, tf.float32))
-    logits = tf.math.log(attention_weights(a))
-    idx = keras.random.categorical(logits, num_draws, seed=seed, dtype="int32")
+    logits = gather_replicas(tf.math.log(attention_weights(a)))  # the global batch's (B, M) under tf.distribute
+    if isinstance(seed, StepSeeds):
+        def draw(rows):
+            return tf.random.stateless_categorical(logits, num_draws, seed.next(), dtype=tf.int32)
+    else:
+        def draw(rows):
+            return keras.random.categorical(logits, num_draws, seed=seed, dtype="int32")
+    idx = _rows_of_global_draw(draw, tf.shape(a)[0])
     return tf.gather(a, idx, axis=3, batch_dims=1)
 
 
@@ -73,7 +97,10 @@ def _thresholds(maps, theta, seed):
     """Per-sample threshold ``theta * max(map)``, ``theta ~ U(low, high)`` per sample (code: ``random.uniform``)."""
     low, high = _as_range(theta)
     batch = tf.shape(maps)[0]
-    t = keras.random.uniform((batch,), low, high, seed=seed) if high > low else tf.fill((batch,), low)
+    if high > low:
+        t = _rows_of_global_draw(lambda rows: uniform((rows,), low, high, seed=seed), batch)
+    else:
+        t = tf.fill((batch,), low)
     return t * tf.reduce_max(maps, axis=(1, 2))
 
 
@@ -172,7 +199,7 @@ def attention_patch(images, maps, theta=(0.4, 0.6), padding: float = 0.1, seed=N
     h, w = images.shape[1], images.shape[2]
     boxes = attention_boxes(maps, (h, w), theta, padding, seed)
     ph, pw = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    u = keras.random.uniform((tf.shape(images)[0], 2), seed=seed)
+    u = _rows_of_global_draw(lambda rows: uniform((rows, 2), seed=seed), tf.shape(images)[0])
     dy = tf.cast(tf.floor(u[:, 0] * tf.cast(h - ph + 1, tf.float32)), tf.int32)
     dx = tf.cast(tf.floor(u[:, 1] * tf.cast(w - pw + 1, tf.float32)), tf.int32)
     rows, cols = tf.range(h)[None, :], tf.range(w)[None, :]
@@ -337,16 +364,17 @@ class MagSDTrainer(Trainer):
         self.padding, self.mixup_gamma = padding, mixup_gamma
         self.dim_factor, self.keep_factor, self.dim_center = dim_factor, keep_factor, dim_center
         self.attention_net = attention_view(net)
+        self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, inputs, training=False):
         out = self.net(image_of(inputs), training=training)
         return out[PREDICTIONS] if isinstance(out, dict) else out
 
-    def augment(self, images, maps):
+    def augment(self, images, maps, seed=None):
         """The augmented batches, one per entry of :attr:`augmentations`, each with its own map ``maps[..., i]``."""
         views = []
-        seed = self.seed_generator
+        seed = self.seed_generator if seed is None else seed
         for i, name in enumerate(self.augmentations):
             m = maps[..., i]
             if name == "mixup":
@@ -361,12 +389,15 @@ class MagSDTrainer(Trainer):
 
     def train_loss(self, x, y, sample_weight):
         images = tf.cast(image_of(x), tf.float32)
+        # Under tf.distribute every replica draws the same numbers (StepSeeds: from the step counter).
+        seeds = (StepSeeds(self.seed or 0, self.optimizer.iterations) if tf.distribute.has_strategy()
+                 else self.seed_generator)
         out = self.attention_net(images, training=True)
         p_primary = out[PREDICTIONS]
         p_views = []
         if self.augmentations:
-            maps = sample_attention_maps(out[ATTENTION_MAPS], len(self.augmentations), self.seed_generator)
-            p_views = [self.call(view, training=True) for view in self.augment(images, maps)]
+            maps = sample_attention_maps(out[ATTENTION_MAPS], len(self.augmentations), seeds)
+            p_views = [self.call(view, training=True) for view in self.augment(images, maps, seeds)]
         if self.regularizer == "soft":
             loss = soft_distance_loss(y, p_primary, p_views, self.threshold, self.smoothing, "l1", sample_weight)
         else:

@@ -19,9 +19,10 @@ loss given to ``compile`` is not used), reduced as Keras' ``sum_over_batch_size`
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 from keras import ops
 
-from covidx.layers.moex import MomentExchange
+from covidx.layers.moex import MomentExchange, StepSeeds, take_global
 from covidx.training.trainers import Trainer, image_of, register_trainer
 
 
@@ -39,12 +40,15 @@ def moex_interpolated_loss(y_true, y_pred, permutation, lam, sample_weight=None)
     Args:
         y_true: one-hot labels ``(B, K)`` of the samples whose features were kept (``y_A``).
         y_pred: softmax outputs ``(B, K)`` of the MoEx'ed batch.
-        permutation: int ``(B,)``, the partner of every sample (``y_B = y_true[permutation]``).
+        permutation: int ``(B,)``, the partner of every sample (``y_B = y_true[permutation]``); under
+            ``tf.distribute`` an index into the global batch (labels gathered from every replica).
         lam: weight of the own label (``1.0`` gives plain CE).
         sample_weight: optional ``(B,)``; the partner term uses ``sample_weight[permutation]``.
     """
-    y_partner = ops.take(y_true, permutation, axis=0)
-    w_partner = None if sample_weight is None else ops.take(ops.reshape(sample_weight, (-1,)), permutation, axis=0)
+    # Under tf.distribute ``permutation`` indexes the global batch: partners' labels come from every replica.
+    y_partner = take_global(ops.cast(y_true, "float32"), permutation)
+    w_partner = None if sample_weight is None else take_global(
+        ops.cast(ops.reshape(sample_weight, (-1,)), "float32"), permutation)
     lam = ops.cast(lam, "float32")
     return lam * _mean_cross_entropy(y_true, y_pred, sample_weight) + (1.0 - lam) * _mean_cross_entropy(
         y_partner, y_pred, w_partner
@@ -68,9 +72,9 @@ def regional_learning_loss(
     y2 = ops.concatenate([y_true, y_true], axis=0)
     p2 = ops.concatenate([y_pred_original, y_pred_region], axis=0)
     w2 = None if sample_weight is None else ops.concatenate([ops.reshape(sample_weight, (-1,))] * 2, axis=0)
-    if permutation is None:
-        permutation, lam = ops.arange(ops.shape(y2)[0], dtype="int32"), 1.0
     # Both halves hold B samples, so L_O + L_T = 2 x the mean over the 2B stacked samples.
+    if permutation is None:
+        return 2.0 * _mean_cross_entropy(y2, p2, w2)
     return 2.0 * moex_interpolated_loss(y2, p2, permutation, lam, w2)
 
 
@@ -96,6 +100,14 @@ def _moex_state(layer: MomentExchange | None):
     return layer.last_permutation, layer.last_lambda
 
 
+def _step_seeds(trainer, layer: MomentExchange):
+    """Under a tf.distribute strategy: seeds from the step counter, so every replica draws the same
+    permutation (see :class:`~covidx.layers.moex.StepSeeds`); ``None`` (the layer's own generator) otherwise."""
+    if not tf.distribute.has_strategy():
+        return None
+    return StepSeeds(layer.seed or 0, trainer.optimizer.iterations)
+
+
 def _regularization(model: keras.Model):
     return ops.sum(model.losses) if model.losses else 0.0
 
@@ -117,6 +129,7 @@ class MoExTrainer(Trainer):
     def train_loss(self, x, y, sample_weight):
         layer = find_moment_exchange(self.net)
         layer.last_permutation = None  # never read a permutation left over from another trace
+        layer.step_seeds = _step_seeds(self, layer)
         y_pred = self.net(image_of(x), training=True)
         permutation, lam = _moex_state(layer)
         loss = moex_interpolated_loss(y, y_pred, permutation, lam, sample_weight)
@@ -142,6 +155,7 @@ class RegionalLearningTrainer(Trainer):
         layer = find_moment_exchange(self.net)
         if layer is not None:
             layer.last_permutation = None
+            layer.step_seeds = _step_seeds(self, layer)
         batch = ops.shape(image)[0]
         y_pred = self.net(ops.concatenate([image, region], axis=0), training=True)
         y_pred_original, y_pred_region = y_pred[:batch], y_pred[batch:]
