@@ -273,7 +273,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
         keras.callbacks.BackupAndRestore(str(run_dir / "backup"), delete_checkpoint=False),
         NetCheckpoint(run_dir, monitor=monitor),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
-        LearningCurves(run_dir, f"{cfg.model} ({cfg.recipe} recipe){' on SYNTHETIC data' if not cfg.data else ''}"),
+        LearningCurves(run_dir, f"{cfg.model}, --recipe {cfg.recipe}{', SYNTHETIC data' if not cfg.data else ''}"),
         keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False, profile_batch=0),
     ]
     if cfg.time_budget:
