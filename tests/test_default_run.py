@@ -59,3 +59,17 @@ def test_time_budget_stops_training_and_reports(tmp_path):
     assert stats["exhausted"] and stats["images"] == 8 and stats["wall_s"] > 0
     with pytest.raises(ValueError, match="unknown clock"):
         TimeBudget(1.0, clock="gpu")
+
+
+@pytest.mark.slow
+def test_segmenter_run_ends_with_dice_against_marking_every_pixel(tmp_path):
+    cfg = TrainConfig(model="lung-unet", task="lungs", synthetic_patients=16, synthetic_size=64, image_size=32,
+                      epochs=1, batch_size=4, out=str(tmp_path), verbose=0, recipe="quick",
+                      model_kwargs={"base_filters": 4, "depth": 2})
+    run = train(cfg)
+    (val,) = json.loads((run / "end_of_run.json").read_text())
+    assert val["kind"] == "segmentation" and val["split"] == "val" and val["n"] > 0
+    # Marking every pixel scores 2p / (1 + p) per image, p = lung fraction: between 0 and 1 for real lungs.
+    assert 0.2 < val["trivial_dice"] < 0.8 and 0.0 <= val["dice"] <= 1.0
+    assert val["beat_chance"] == (val["ci"][0] > 0) and "beat chance" in val["line"]
+    assert (run / "curves.png").is_file()
