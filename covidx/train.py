@@ -23,6 +23,7 @@ from covidx.data.sources import DatasetError
 from covidx.models import create_model, get_spec, list_models
 from covidx.tasks import get_task
 from covidx.training.engine import DEFAULT_MODEL, DEFAULT_RUN, TrainConfig, TrainingError, train
+from covidx.training.report import END_OF_RUN
 from covidx.weights import WeightsNotFoundError
 
 __all__ = ["TrainConfig", "main", "train"]
@@ -32,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m covidx.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help=f"registered model name (default {DEFAULT_MODEL})")
     ap.add_argument("--list-models", action="store_true", help="print every registered model and exit")
+    ap.add_argument("--recipe", default="paper", choices=("paper", "quick"),
+                    help="paper: the model's preset (the paper's setting); quick: learns in CPU minutes "
+                         "(covidx.models.recipes; README 'Recipes'). Flags override either")
     ap.add_argument("--data", action="append", default=[], help="dataset folder or CSV (repeatable); default: synthetic")
     ap.add_argument("--layout", action="append", default=[], help="layout of each --data (detected when omitted)")
     ap.add_argument("--task", help="label scheme (default: the model's preset)")
@@ -42,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--optimizer", choices=("sgd", "adam"))
     ap.add_argument("--lr", dest="learning_rate", type=float, help="initial (eta_max) learning rate")
     ap.add_argument("--min-lr", dest="min_learning_rate", type=float, help="eta_min of cosine annealing")
+    ap.add_argument("--warmup-epochs", type=float, help="linear learning-rate warm-up (epochs) before the schedule")
     ap.add_argument("--momentum", type=float)
     ap.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--weight-decay", type=float)
@@ -132,7 +137,11 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"\nrun finished: {run_dir.resolve()}\n  checkpoints: best.keras, last.keras\n  config: config.json  split: "
-          f"split.csv  log: history.csv  tensorboard: tensorboard/")
+          f"split.csv  log: history.csv  curves: curves.png  tensorboard: tensorboard/")
+    ends = json.loads((run_dir / END_OF_RUN).read_text()) if (run_dir / END_OF_RUN).is_file() else []
+    for f in ends:
+        if f["split"] == "test":  # the default run: its own held-out figures, with the run folder above
+            print(f"  held-out test split{' (SYNTHETIC)' if not cfg.data else ''}: " + f["line"].split(": ", 1)[1])
     return 0
 
 

@@ -43,6 +43,7 @@ class Preset:
     weight_decay: float = 0.0
     schedule: str = "cosine"  # "cosine", "constant" or "step"
     min_learning_rate: float = 0.0
+    warmup_epochs: float = 0.0  # linear warm-up from 0 to learning_rate before the schedule (quick recipes)
     augment: str = "none"  # a name from covidx.data.augment.PRESETS
     clahe_prob: float = 0.0  # probability of CLAHE per training image
     clahe_inference: bool = False  # CLAHE on every image at evaluation / inference

@@ -1,0 +1,174 @@
+"""Training recipes: ``paper`` (each model's preset, the paper's setting) and ``quick`` (learns in CPU minutes).
+
+A registered model's :class:`~covidx.models.registry.Preset` is the paper's recipe: the
+optimiser, learning rate, schedule, resolution and epochs its authors used on GPUs for hours or
+days. On a CPU, or when trying a model on new data, those settings can look like "learns
+nothing": SEME-ResNet50's SGD at 1e-4 from He-uniform initialisation (Cascade-SEME §5.A) stays
+at chance for a whole CPU epoch, while the same network with Adam at 1e-3 separates the
+classes within one (measured on real radiographs; ``benchmarks/realdata.py``).
+
+``quick`` is one set of changes per model *family* (the module that builds it), each written
+below with why. What it never changes: the architecture, the task, the train step (MoEx,
+Regional Learning, MAG-SD's attention-guided augmentation and soft distance), the input
+normalisation, CLAHE, and class weighting. Nothing is frozen: covidx ships no pretrained
+weights, so every family trains from scratch in both recipes (``--weights imagenet`` with
+local files is a separate choice). Command-line flags override either recipe.
+
+Shared reasons, referred to below:
+
+* ``ADAM``: Adam's per-parameter step size moves a freshly initialised network at 1e-3 from
+  the first steps; SGD at the papers' learning rates needs thousands of steps (the papers
+  train 40-100 epochs on GPUs) before the loss moves (Kingma & Ba 2015).
+* ``WARMUP``: one epoch of linear warm-up from 0 to the peak learning rate: from-scratch BN
+  statistics and Adam's second-moment estimates are unreliable in the first steps, and a full
+  step size there can throw the network into a poor region (Goyal et al. 2017, §2.2).
+* ``COSINE``: cosine annealing to 0 over the short run (Loshchilov & Hutter 2017), so the last
+  epochs settle instead of ending on the peak rate.
+* ``SIZE``: compute per image grows with the square of the side; 128 px keeps lobar
+  consolidation and ground glass visible on a 2-core CPU at 3-16x less cost than 224-512 px.
+"""
+
+from __future__ import annotations
+
+from covidx.models.registry import Preset, get_spec
+
+RECIPES = ("paper", "quick")
+
+_ADAM = "Adam: a from-scratch network moves at 1e-3 from the first steps (module docstring, ADAM)"
+_WARMUP = "one epoch of linear warm-up (module docstring, WARMUP)"
+_COSINE = "cosine annealing to 0 within the short run (module docstring, COSINE)"
+_SIZE = "128 px: 3-16x cheaper per image than the paper's size (module docstring, SIZE)"
+
+# family (the module that registers the model) -> {Preset field: (quick value, why)}
+QUICK: dict[str, dict[str, tuple]] = {
+    # keras.applications baselines (already Adam 1e-3 + cosine in their paper recipe).
+    "baseline": {
+        "image_size": (128, _SIZE),
+        "epochs": (8, "8 epochs: enough at 128 px for the loss to flatten on a few thousand images"),
+        "warmup_epochs": (1.0, _WARMUP),
+    },
+    # The default run's small VGG-style CNN: its own preset is already a CPU recipe (96 px, Adam 2e-3, cosine).
+    "smallcnn": {
+        "epochs": (8, "8 epochs: it separates the synthetic classes in 5-8"),
+        "warmup_epochs": (1.0, _WARMUP),
+    },
+    # Cascade-SEME stage-1 ResNet50 family (resnet50-*, se-/moex-/seme-resnet50): paper SGD 1e-4.
+    "resnet": {
+        "image_size": (128, _SIZE),
+        "batch_size": (32, "32 images per step: steadier BN statistics and Adam moments than 16"),
+        "epochs": (6, "6 epochs at 128 px: a few CPU minutes per thousand images"),
+        "optimizer": ("adam", _ADAM),
+        "learning_rate": (1e-3, _ADAM),
+        "min_learning_rate": (0.0, _COSINE),
+        "schedule": ("cosine", _COSINE),
+        "warmup_epochs": (1.0, _WARMUP),
+    },
+    # Cascade-SEME stage-2 DenseNet169 family: paper SGD with eta_max 0.1.
+    "densenet": {
+        "image_size": (128, _SIZE),
+        "batch_size": (32, "32 images per step: steadier BN statistics and Adam moments than 16"),
+        "epochs": (8, "8 epochs: the stage-2 data (COVID-19 vs other viral) are small"),
+        "optimizer": ("adam", _ADAM),
+        "learning_rate": (1e-3, _ADAM),
+        "min_learning_rate": (0.0, _COSINE),
+        "schedule": ("cosine", _COSINE),
+        "warmup_epochs": (1.0, _WARMUP),
+    },
+    # VGG19 (M1/M4): no batch normalisation, so a smaller peak learning rate than the BN families.
+    "vgg": {
+        "image_size": (128, _SIZE),
+        "batch_size": (32, "32 images per step"),
+        "epochs": (8, "8 epochs at 128 px"),
+        "optimizer": ("adam", _ADAM),
+        "learning_rate": (3e-4, "3e-4: VGG19 has no BN to keep activations in range at Adam's 1e-3"),
+        "min_learning_rate": (0.0, _COSINE),
+        "schedule": ("cosine", _COSINE),
+        "warmup_epochs": (1.0, _WARMUP),
+    },
+    # DPN / SE-DPN (Cheng et al.): Adam 1e-4 constant for 100 epochs; grouped 3x3 convolutions are
+    # slow in TF on CPU, so resolution matters most here.
+    "dpn": {
+        "image_size": (128, _SIZE + "; DPN's grouped convolutions make it the slowest family"),
+        "epochs": (5, "5 epochs: DPN-92 costs ~4x ResNet50 per image on CPU"),
+        "learning_rate": (1e-3, "1e-3 instead of 1e-4: ten times the step, the run is 20x shorter"),
+        "schedule": ("cosine", _COSINE),
+        "warmup_epochs": (1.0, _WARMUP),
+    },
+    # MA-Net / MAG-SD (Li et al.): SGD 1e-3, step decay, heavy augmentation (rotation +-120 deg...).
+    "magsd": {
+        "image_size": (128, _SIZE),
+        "epochs": (6, "6 epochs at 128 px"),
+        "optimizer": ("adam", _ADAM),
+        "learning_rate": (1e-3, _ADAM),
+        "weight_decay": (0.0, "no weight decay: a short run does not overfit"),
+        "schedule": ("cosine", _COSINE),
+        "warmup_epochs": (1.0, _WARMUP),
+        "augment": ("light", "light augmentation (+-10 deg, zoom/shift 10/5 %): MAG-SD's Table 2 set "
+                             "(rotation +-120 deg, crops, brightness) is for 100 epochs; in a few epochs it "
+                             "hides the classes (viral sensitivity ~0 after one epoch)"),
+    },
+    # Concatenated VGG19 + DenseNet121 + EfficientNetB0 (Hasan et al.): Adam 1e-4 constant, 60 epochs.
+    "ensemble": {
+        "image_size": (128, _SIZE + "; three backbones per image"),
+        "batch_size": (32, "32 images per step"),
+        "epochs": (5, "5 epochs: three backbones cost ~3x one"),
+        "learning_rate": (1e-3, "1e-3 instead of 1e-4 (Table II): from scratch, ten times the step"),
+        "schedule": ("cosine", _COSINE),
+        "warmup_epochs": (1.0, _WARMUP + "; VGG19's branch has no BN"),
+    },
+    # Lung U-Net (Cascade-SEMEnet §5.A): Adam with eta_max 0.1 (as printed), 512 px, 50 epochs.
+    "unet": {
+        "image_size": (256, "256 px: lung fields are large, smooth shapes; 4x cheaper than 512"),
+        "batch_size": (8, "8 images per step at 256 px"),
+        "epochs": (15, "15 epochs: a lung-mask set has tens to hundreds of images"),
+        "learning_rate": (1e-3, "Adam's usual 1e-3 instead of the printed 0.1, which makes Adam's "
+                                "first steps jump (the paper's own note: lower it if training diverges)"),
+        "min_learning_rate": (0.0, _COSINE),
+        "warmup_epochs": (1.0, _WARMUP),
+    },
+    # FC-DenseNet103 lesion segmenter (Hasan et al. Table II): Adam 1e-4 constant, 40 epochs.
+    "tiramisu": {
+        "image_size": (128, _SIZE),
+        "batch_size": (8, "8 images per step: FC-DenseNet103 keeps many full-resolution maps"),
+        "epochs": (10, "10 epochs at 128 px"),
+        "learning_rate": (1e-3, "1e-3 instead of 1e-4: ten times the step for a short run"),
+        "schedule": ("cosine", _COSINE),
+        "warmup_epochs": (1.0, _WARMUP),
+    },
+}
+
+
+def family(name: str) -> str:
+    """The family of a registered model: the module that builds it (``seme-resnet50`` -> ``resnet``)."""
+    return get_spec(name).builder.__module__.rsplit(".", 1)[-1]
+
+
+def quick_changes(name: str) -> dict:
+    """``{field: value}`` that the quick recipe sets for model ``name``."""
+    fam = family(name)
+    if fam not in QUICK:
+        raise ValueError(f"no quick recipe for {name!r} (family {fam!r}); families: {', '.join(QUICK)}")
+    return {k: v for k, (v, _why) in QUICK[fam].items()}
+
+
+def recipe_preset(name: str, recipe: str = "paper") -> Preset:
+    """The preset of model ``name`` under ``recipe`` ("paper": the registered preset, unchanged)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r} ({', '.join(RECIPES)})")
+    preset = get_spec(name).preset
+    if recipe == "paper":
+        return preset
+    return preset.replace(**quick_changes(name))
+
+
+def recipe_table() -> str:
+    """Markdown table of what ``quick`` changes, per family, with the paper's value beside it (README)."""
+    examples = {"baseline": "baseline-resnet50", "smallcnn": "baseline-smallcnn", "resnet": "seme-resnet50", "densenet": "seme-densenet169",
+                "vgg": "vgg19-gap", "dpn": "se-dpn92", "magsd": "mag-sd", "ensemble": "ensemble",
+                "unet": "lung-unet", "tiramisu": "fc-densenet103"}
+    lines = ["| family (e.g.) | setting | paper | quick | why |", "|---|---|---|---|---|"]
+    for fam, changes in QUICK.items():
+        paper = get_spec(examples[fam]).preset
+        for k, (v, why) in changes.items():
+            lines.append(f"| {fam} ({examples[fam]}) | {k} | {getattr(paper, k)} | {v} | {why} |")
+    return "\n".join(lines)
