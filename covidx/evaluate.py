@@ -20,6 +20,7 @@ from pathlib import Path
 from covidx.data.sources import DatasetError
 from covidx.explain.runs import AUDIT_INPUTS, run_audit
 from covidx.reports import compare, evaluate_run, evaluation_table
+from covidx.precision import PRECISIONS
 from covidx.runs import load_run, lung_region_input
 
 
@@ -37,6 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--audit-input", default="auto", choices=AUDIT_INPUTS,
                     help="explain full images or their lung region (auto: the lung region for Regional-Learning runs)")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--precision", choices=PRECISIONS, help="compute in fp32, bf16, fp16 or auto (bf16 on CPUs with bfloat16 units); default: as trained")
     args = ap.parse_args(argv)
 
     several = len(args.checkpoint) > 1
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
     results, summaries = {}, {}
     try:
         for ckpt in args.checkpoint:
-            run = load_run(ckpt)
+            run = load_run(ckpt, precision=args.precision)
             table = evaluation_table(run, args.data, args.layout, args.split)
             name = run.name
             key = name if name not in results else f"{name}-{len(results)}"

@@ -19,6 +19,7 @@ import sys
 import keras
 
 from covidx.data.sources import DatasetError
+from covidx.precision import PRECISIONS
 from covidx.models import create_model, get_spec, list_models
 from covidx.tasks import get_task
 from covidx.training.engine import DEFAULT_MODEL, DEFAULT_RUN, TrainConfig, TrainingError, train
@@ -59,7 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="runs", help="runs are written to OUT/<model>/<timestamp>/")
     ap.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last epoch")
     ap.add_argument("--strategy", default="default", choices=("default", "mirrored", "multiworker"))
-    ap.add_argument("--mixed-precision", action="store_true", help="mixed_float16 policy")
+    ap.add_argument("--mixed-precision", action="store_true", help="mixed_float16 policy (the same as --precision fp16)")
+    ap.add_argument("--precision", choices=PRECISIONS,
+                    help="fp32 (default), bf16, fp16, or auto: bf16 on CPUs with bfloat16 units, fp16 on GPUs with "
+                         "tensor cores, else fp32 (softmax, losses and BN statistics stay float32)")
+    ap.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="XLA-compile the train step (default: on with a GPU, off on CPUs, where it is slower)")
     ap.add_argument("--no-verify", dest="verify", action="store_false", help="skip the full decode check of every file")
     ap.add_argument("--steps-per-epoch", type=int, help="cap on steps per epoch (quick runs)")
     ap.add_argument("--synthetic-patients", type=int, default=60, help="patients (all classes) of the synthetic default")

@@ -26,12 +26,13 @@ from covidx.data.synthetic import write_dataset
 from covidx.data.verify import verify_table
 from covidx.models import create_model, get_spec
 from covidx.models.cascade import TRAINING_HINT
+from covidx.precision import POLICIES, precision_scope, resolve_precision
 from covidx.runs import LUNG_MASK, SPLIT_FILE, RunConfig
 from covidx.tasks import get_task
 from covidx.training.callbacks import NetCheckpoint
 from covidx.training.lung_masks import attach_lung_masks
 from covidx.training.segmentation import DiceCoefficient, DiceCrossEntropyLoss, IoUScore
-from covidx.training.trainers import get_trainer
+from covidx.training.trainers import get_trainer, resolve_jit_compile
 
 DEFAULT_MODEL = "baseline-mobilenetv2"
 
@@ -68,7 +69,9 @@ class TrainConfig:
     lung_masks: str | None = None  # lung U-Net run: predict the lung masks images lack (Regional Learning)
     out: str = "runs"
     strategy: str = "default"
-    mixed_precision: bool = False
+    mixed_precision: bool = False  # older runs' spelling of precision="fp16"
+    precision: str | None = None  # fp32 | bf16 | fp16 | auto (covidx.precision); None: fp16 if mixed_precision
+    jit_compile: bool | None = None  # XLA-compile the train step; None: auto (resolve_jit_compile)
     verify: bool = True
     steps_per_epoch: int | None = None  # cap (quick runs); None = one pass over the training split
     synthetic_patients: int = 60
@@ -164,6 +167,11 @@ def prepare_data(cfg: TrainConfig, task, report=None):
 
 def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
     """Train; returns the run directory. ``resume`` continues an earlier run in place."""
+    with precision_scope("fp32"):  # restores the caller's global policy afterwards
+        return _train(cfg, resume)
+
+
+def _train(cfg: TrainConfig, resume: str | Path | None) -> Path:
     if resume is not None:
         run_dir = Path(resume)
         saved = RunConfig.load(run_dir).train
@@ -174,8 +182,9 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
     keras.utils.set_random_seed(cfg.seed)
     # Epoch length is unknown until the first pass (unreadable files are skipped), which Keras warns about.
     warnings.filterwarnings("ignore", message="Your input ran out of data")
-    if cfg.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    precision = resolve_precision(cfg.precision or ("fp16" if cfg.mixed_precision else "fp32"))
+    keras.mixed_precision.set_global_policy(POLICIES[precision])  # train() restores the caller's policy
+    cfg = dataclasses.replace(cfg, precision=precision)  # config.json records what ran ("auto" decided)
 
     table, report, respect = prepare_data(cfg, task)
     for line in report.lines()[:50]:
@@ -220,7 +229,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
         else:
             loss = keras.losses.CategoricalCrossentropy()
             metrics = [keras.metrics.CategoricalAccuracy(name="accuracy"), keras.metrics.AUC(name="auc", multi_label=True)]
-        trainer.compile(optimizer=build_optimizer(cfg, steps), loss=loss, metrics=metrics)
+        trainer.compile(optimizer=build_optimizer(cfg, steps), loss=loss, metrics=metrics,
+                        jit_compile=resolve_jit_compile(cfg.jit_compile, net))
         x0 = next(iter(train_ds))[0]
         trainer(x0)  # build before BackupAndRestore restores weights
 
