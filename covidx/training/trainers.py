@@ -45,7 +45,7 @@ def resolve_jit_compile(setting: bool | None, net: keras.Model) -> bool:
     """Whether to XLA-compile the train step (``compile(jit_compile=...)``); ``None`` decides here.
 
     ``None`` (auto): on when a GPU is visible (Keras' own rule), off on CPUs: there TensorFlow runs
-    convolutions in oneDNN, which XLA's CPU backend does not use, and a grouped convolution (DPN)
+    convolutions in oneDNN, which XLA's CPU backend does not use by default, and a grouped convolution (DPN)
     under XLA is 100x slower or worse in the backward pass (``benchmarks/grouped_conv.py``; compare a
     whole step with ``benchmarks/versus_torch.py --tf-jit``). ``True`` / ``False`` force it; every
     covidx train step (standard, MoEx, Regional Learning, MAG-SD) compiles under XLA.
