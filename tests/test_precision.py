@@ -77,7 +77,7 @@ def test_bf16_trains_saves_reloads_and_exports_float32(tmp_path):
     model = keras.models.load_model(run_dir / "best.keras", safe_mode=True)
     policies = {layer.dtype_policy.name for layer in model.layers}
     assert "mixed_bfloat16" in policies
-    x = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 1)).astype("float32")
+    x = np.random.default_rng(1).uniform(0, 255, (2, *model.input_shape[1:])).astype("float32")
     probs = model(x)
     assert probs.dtype == "float32"
     np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, atol=1e-3)
