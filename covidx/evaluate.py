@@ -31,6 +31,7 @@ from pathlib import Path
 from covidx.data.sources import DatasetError
 from covidx.explain.runs import AUDIT_INPUTS, run_audit
 from covidx.model_card import write_model_card
+from covidx.precision import PRECISIONS
 from covidx.reports import compare, evaluate_run, evaluation_table, report_section, validation_of, write_report
 from covidx.runs import load_run, lung_region_input
 
@@ -53,6 +54,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gallery", type=int, default=2, metavar="N",
                     help="report.html: Grad-CAM of the N most confident correct and wrong cases per class (0: none)")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--precision", choices=PRECISIONS, help="compute in fp32, bf16, fp16 or auto (bf16 on CPUs with bfloat16 units); default: as trained")
     args = ap.parse_args(argv)
 
     several = len(args.checkpoint) > 1
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
     results, summaries, sections = {}, {}, {}
     try:
         for ckpt in args.checkpoint:
-            run = load_run(ckpt)
+            run = load_run(ckpt, precision=args.precision)
             table = evaluation_table(run, args.data, args.layout, args.split)
             name = run.name
             key = name if name not in results else f"{name}-{len(results)}"

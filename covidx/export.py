@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from covidx.data.io import DEFAULT_MAX_PIXELS
+from covidx.precision import PRECISIONS
 from covidx.serving.export import export
 from covidx.serving.systems import export_cascade, export_two_stage
 
@@ -32,6 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--name", help="model name for TF Serving (default: the registry name; two_stage with "
                                    "--segmenter)")
     ap.add_argument("--max-pixels", type=int, default=None, help="reject larger images (InvalidArgument)")
+    ap.add_argument("--precision", choices=PRECISIONS, help="compute in fp32, bf16, fp16 or auto (bf16 on CPUs with bfloat16 units); default: as trained")
     args = ap.parse_args(argv)
     try:
         if (Path(args.checkpoint) / "cascade.json").is_file():
@@ -41,7 +43,8 @@ def main(argv=None) -> int:
             path = export_two_stage(args.checkpoint, args.segmenter, args.out, name=args.name or "two_stage",
                                     version=args.version, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
         else:
-            path = export(args.checkpoint, args.out, args.version, args.max_pixels or DEFAULT_MAX_PIXELS, args.name)
+            path = export(args.checkpoint, args.out, args.version, args.max_pixels or DEFAULT_MAX_PIXELS, args.name,
+                          args.precision)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -29,6 +29,7 @@ import numpy as np
 
 from covidx.data.io import list_inputs, readable
 from covidx.explain.runs import write_overlays
+from covidx.precision import PRECISIONS
 from covidx.runs import load_run, predict_paths
 from covidx.serving.client import export_meta, find_export, is_cascade_export, predict_export, serve_files
 from covidx.systems import CascadeSEME, TwoStagePredictor, segment_files
@@ -72,6 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", required=True, help="run directory, .keras file or export folder")
     ap.add_argument("--out", default="results.csv", help="CSV of path, probabilities, label")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--precision", choices=PRECISIONS, help="compute in fp32, bf16, fp16 or auto (bf16 on CPUs with bfloat16 units); default: as trained")
     ap.add_argument("--explain", choices=("gradcam", "gradcam++"), help="also write an overlay per image")
     ap.add_argument("--overlays", help="folder for overlays (default: next to --out)")
     ap.add_argument("--segmenter", help="lesion segmenter run (two-stage system): segments images classified "
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
                 return 2
             out = Path(args.out)
             mask_dir = Path(args.masks) if args.masks else out.with_name(out.stem + "_masks")
-            run = load_run(args.checkpoint)
+            run = load_run(args.checkpoint, precision=args.precision)
             predictor = TwoStagePredictor.from_runs(run, args.segmenter)
             names = predictor.class_names
             probs, segmented, mask_paths, overlay_paths = segment_files(predictor, good, mask_dir, args.batch_size,
@@ -121,7 +123,8 @@ def main(argv=None) -> int:
                 return 2
             probs, names = predict_export(export_dir, good, args.batch_size, progress)
         else:
-            probs, run = predict_paths(args.checkpoint, good, args.batch_size, progress)
+            probs, run = predict_paths(load_run(args.checkpoint, precision=args.precision), good, args.batch_size,
+                                       progress)
             names = run.class_names
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -24,6 +24,7 @@ import covidx.models  # noqa: F401  (registers the models' own layers)
 from covidx.data.pipeline import make_dataset
 from covidx.data.preprocess import PreprocessConfig
 from covidx.data.splitfile import read_split_file
+from covidx.precision import with_precision
 from covidx.tasks import TASKS
 
 CONFIG_FILE = "config.json"
@@ -150,10 +151,16 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     return p, (p.parent if (p.parent / CONFIG_FILE).is_file() else None)
 
 
-def load_run(path: str | Path, compile: bool = False) -> Run:
-    """Load a checkpoint (safe_mode=True: no pickles, no Lambda) and its run configuration."""
+def load_run(path: str | Path, compile: bool = False, precision: str | None = None) -> Run:
+    """Load a checkpoint (safe_mode=True: no pickles, no Lambda) and its run configuration.
+
+    ``precision`` (``fp32`` / ``bf16`` / ``fp16`` / ``auto``, :mod:`covidx.precision`) runs the network in
+    that precision (float32 outputs); ``None`` keeps the precision it was trained in.
+    """
     ckpt, run_dir = find_checkpoint(path)
     model = keras.models.load_model(ckpt, compile=compile, safe_mode=True)
+    if precision is not None:
+        model = with_precision(model, precision)
     config = RunConfig.load(run_dir) if run_dir is not None else RunConfig.for_model(model)
     return Run(model, config, run_dir, ckpt)
 

@@ -20,6 +20,7 @@ import keras
 
 from covidx.data.prepare import add_split_arguments
 from covidx.data.sources import DatasetError
+from covidx.precision import PRECISIONS
 from covidx.models import create_model, get_spec, list_models
 from covidx.tasks import get_task
 from covidx.training.engine import DEFAULT_MODEL, DEFAULT_RUN, TrainConfig, TrainingError, train
@@ -64,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--run-name", help="write OUT/<model>/RUN_NAME (not a timestamp); continue it if it exists "
                                        "(the same command restarts a killed cluster job)")
     ap.add_argument("--strategy", default="default", choices=("default", "mirrored", "multiworker"))
-    ap.add_argument("--mixed-precision", action="store_true", help="mixed_float16 policy")
+    ap.add_argument("--mixed-precision", action="store_true", help="mixed_float16 policy (the same as --precision fp16)")
+    ap.add_argument("--precision", choices=PRECISIONS,
+                    help="fp32 (default), bf16, fp16, or auto: bf16 on CPUs with bfloat16 units, fp16 on GPUs with "
+                         "tensor cores, else fp32 (softmax, losses and BN statistics stay float32)")
+    ap.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="XLA-compile the train step (default: on with a GPU, off on CPUs, where it is slower)")
     ap.add_argument("--no-verify", dest="verify", action="store_false", help="skip the full decode check of every file")
     ap.add_argument("--steps-per-epoch", type=int, help="cap on steps per epoch (quick runs)")
     ap.add_argument("--synthetic-patients", type=int, default=60, help="patients (all classes) of the synthetic default")

@@ -2,8 +2,12 @@
 
 from covidx.layers.attention import AttentionPooling, MultiscaleAttention
 from covidx.layers.cascade import CascadeGate, LungMasking
+from covidx.layers.grouped_conv import GroupedConv2D
 from covidx.layers.moex import MomentExchange
 from covidx.layers.normalization import ImageNormalization
 from covidx.layers.squeeze_excite import SqueezeExcite
 
-__all__ = ["AttentionPooling", "CascadeGate", "LungMasking", "ImageNormalization", "MomentExchange", "MultiscaleAttention", "SqueezeExcite"]
+__all__ = [
+    "AttentionPooling", "CascadeGate", "GroupedConv2D", "LungMasking", "ImageNormalization", "MomentExchange",
+    "MultiscaleAttention", "SqueezeExcite",
+]

@@ -71,7 +71,7 @@ from typing import Sequence
 import keras
 from keras import layers
 
-from covidx.layers import ImageNormalization, SqueezeExcite
+from covidx.layers import GroupedConv2D, ImageNormalization, SqueezeExcite
 from covidx.models.registry import Preset, register_model
 from covidx.weights import resolve_weights
 
@@ -217,7 +217,10 @@ def _conv(x, filters: int, kernel: int, stride: int, groups: int, name: str):
         padding = "valid"
     else:
         padding = "same"
-    return layers.Conv2D(
+    # Grouped convolutions as GroupedConv2D: Keras' Conv2D runs each through XLA on CPUs, 4-6x slower forward
+    # and 300-900x slower backward (covidx/layers/grouped_conv.py); same weights, same outputs.
+    conv = GroupedConv2D if groups > 1 else layers.Conv2D
+    return conv(
         filters, kernel, strides=stride, padding=padding, groups=groups, use_bias=False,
         kernel_initializer="he_normal", name=f"{name}_conv",
     )(x)

@@ -102,9 +102,13 @@ def write_version(archive: keras.export.ExportArchive, out_dir, name: str, versi
 
 
 def export(checkpoint, out_dir, version: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-           name: str | None = None) -> Path:
-    """Export a run (or ``.keras`` file) to ``out_dir/<name>/<version>/``; returns that version folder."""
-    run = load_run(checkpoint)
+           name: str | None = None, precision: str | None = None) -> Path:
+    """Export a run (or ``.keras`` file) to ``out_dir/<name>/<version>/``; returns that version folder.
+
+    ``precision`` computes the exported network in fp32 / bf16 / fp16 / auto (:mod:`covidx.precision`);
+    inputs and outputs stay float32 either way. ``None`` keeps the run's own precision.
+    """
+    run = load_run(checkpoint, precision=precision)
     return write_version(build_archive(run, max_pixels), out_dir, name or serving_name(run), version,
-                         {**run.config.to_dict(), "max_pixels": max_pixels},
+                         {**run.config.to_dict(), "max_pixels": max_pixels, "precision": precision},
                          {CARD_NAME: card_text(run.directory, run.config.to_dict())})

@@ -32,6 +32,7 @@ from covidx.data.verify import verify_table
 from covidx.models import create_model, get_spec
 from covidx.model_card import write_model_card
 from covidx.models.cascade import TRAINING_HINT
+from covidx.precision import POLICIES, precision_scope, resolve_precision
 from covidx.runs import CONFIG_FILE, LUNG_MASK, SPLIT_FILE, RunConfig
 from covidx.tasks import get_task
 from covidx.models.recipes import recipe_preset
@@ -49,7 +50,7 @@ from covidx.training.report import END_OF_RUN, LearningCurves, split_figures
 from covidx.training.schedules import WarmUp
 from covidx.training.lung_masks import attach_lung_masks
 from covidx.training.segmentation import DiceCoefficient, DiceCrossEntropyLoss, IoUScore
-from covidx.training.trainers import get_trainer
+from covidx.training.trainers import get_trainer, resolve_jit_compile
 
 DEFAULT_MODEL = "baseline-mobilenetv2"
 
@@ -95,7 +96,9 @@ class TrainConfig:
     lung_masks: str | None = None  # lung U-Net run: predict the lung masks images lack (Regional Learning)
     out: str = "runs"
     strategy: str = "default"
-    mixed_precision: bool = False
+    mixed_precision: bool = False  # older runs' spelling of precision="fp16"
+    precision: str | None = None  # fp32 | bf16 | fp16 | auto (covidx.precision); None: fp16 if mixed_precision
+    jit_compile: bool | None = None  # XLA-compile the train step; None: auto (resolve_jit_compile)
     verify: bool = True
     steps_per_epoch: int | None = None  # cap (quick runs); None = one pass over the training split
     synthetic_patients: int = 60
@@ -212,8 +215,14 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
     """Train; returns the run directory. ``resume`` continues an earlier run in place.
 
     Under ``strategy="multiworker"`` every worker process calls this with the same settings (its own
-    ``TF_CONFIG``); only the chief writes the run folder (:mod:`covidx.training.distribute`).
+    ``TF_CONFIG``); only the chief writes the run folder (:mod:`covidx.training.distribute`). The caller's
+    global precision policy is restored afterwards.
     """
+    with precision_scope("fp32"):
+        return _start(cfg, resume)
+
+
+def _start(cfg: TrainConfig, resume: str | Path | None) -> Path:
     if resume is None and cfg.run_name:
         named = Path(cfg.out) / cfg.model / cfg.run_name
         if (named / CONFIG_FILE).is_file():  # a restarted job continues its run
@@ -234,8 +243,9 @@ def _train(cfg: TrainConfig, strategy, resume, chief: bool, scratch: Path) -> Pa
     keras.utils.set_random_seed(cfg.seed)
     # Epoch length is unknown until the first pass (unreadable files are skipped), which Keras warns about.
     warnings.filterwarnings("ignore", message="Your input ran out of data")
-    if cfg.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    precision = resolve_precision(cfg.precision or ("fp16" if cfg.mixed_precision else "fp32"))
+    keras.mixed_precision.set_global_policy(POLICIES[precision])  # train() restores the caller's policy
+    cfg = dataclasses.replace(cfg, precision=precision)  # config.json records what ran ("auto" decided)
 
     # Generated files (synthetic default data, predicted lung masks) of a non-chief worker go to its scratch folder.
     table, report, respect = prepare_data(cfg if chief else dataclasses.replace(cfg, out=str(scratch)), task)
@@ -315,7 +325,8 @@ def _train(cfg: TrainConfig, strategy, resume, chief: bool, scratch: Path) -> Pa
         else:
             loss = keras.losses.CategoricalCrossentropy()
             metrics = [keras.metrics.CategoricalAccuracy(name="accuracy"), keras.metrics.AUC(name="auc", multi_label=True)]
-        trainer.compile(optimizer=build_optimizer(cfg, steps), loss=loss, metrics=metrics)
+        trainer.compile(optimizer=build_optimizer(cfg, steps), loss=loss, metrics=metrics,
+                        jit_compile=resolve_jit_compile(cfg.jit_compile, net))
         trainer(sample[0])  # build before BackupAndRestore restores weights
         trainer.sample_batch = sample
 

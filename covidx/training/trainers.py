@@ -43,6 +43,20 @@ def get_trainer(name: str) -> type:
         raise ValueError(f"unknown trainer {name!r}; registered: {', '.join(sorted(TRAINERS))}") from None
 
 
+def resolve_jit_compile(setting: bool | None, net: keras.Model) -> bool:
+    """Whether to XLA-compile the train step (``compile(jit_compile=...)``); ``None`` decides here.
+
+    ``None`` (auto): on when a GPU is visible (Keras' own rule), off on CPUs: there TensorFlow runs
+    convolutions in oneDNN, which XLA's CPU backend does not use by default, and a grouped convolution (DPN)
+    under XLA is 100x slower or worse in the backward pass (``benchmarks/grouped_conv.py``; compare a
+    whole step with ``benchmarks/versus_torch.py --tf-jit``). ``True`` / ``False`` force it; every
+    covidx train step (standard, MoEx, Regional Learning, MAG-SD) compiles under XLA.
+    """
+    if setting is not None:
+        return bool(setting)
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
 def image_of(inputs):
     """The image tensor of a batch's inputs (a tensor, or a dict with an ``image`` key)."""
     return inputs["image"] if isinstance(inputs, dict) else inputs

@@ -1,0 +1,96 @@
+"""Precision (covidx.precision): fp32 / bf16 / fp16 / auto for training, evaluation, predict and export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import covidx.layers  # noqa: F401  (registers covidx's layers for load_model)
+from covidx.data.synthetic import write_dataset
+from covidx.precision import precision_scope, resolve_precision, with_precision
+from covidx.runs import load_run
+from covidx.serving.export import export
+
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def cpuinfo(tmp_path, flags):
+    path = tmp_path / "cpuinfo"
+    path.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: fpu sse2 avx2 {flags}\n\n")
+    return path
+
+
+def test_auto_follows_the_cpu_flags(tmp_path):
+    assert resolve_precision("auto", cpuinfo(tmp_path, "avx512f avx512_bf16")) == "bf16"
+    assert resolve_precision("auto", cpuinfo(tmp_path, "amx_tile amx_bf16")) == "bf16"
+    assert resolve_precision("auto", cpuinfo(tmp_path, "avx512f")) == "fp32"
+    assert resolve_precision("auto", tmp_path / "missing") == "fp32"
+    assert resolve_precision("fp16") == "fp16" and resolve_precision(None) == "fp32"
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("int8")
+
+
+def small_net():
+    inputs = keras.Input((16, 16, 1))
+    x = keras.layers.Conv2D(8, 3, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="predictions")(x))
+
+
+def test_with_precision_keeps_weights_and_float32_outputs():
+    keras.utils.set_random_seed(0)
+    net = small_net()
+    x = np.random.default_rng(0).uniform(0, 1, (4, 16, 16, 1)).astype("float32")
+    bf16 = with_precision(net, "bf16")
+    assert bf16.get_layer("conv").dtype_policy.name == "mixed_bfloat16"
+    assert bf16.get_layer("predictions").dtype_policy.name == "float32"  # softmax in float32
+    assert bf16.get_layer("bn").moving_mean.dtype == "float32"  # BN statistics in float32
+    out = bf16(x)
+    assert out.dtype == "float32"
+    np.testing.assert_allclose(np.asarray(out), np.asarray(net(x)), atol=0.02)
+    assert with_precision(net, "fp32") is net
+    with precision_scope("bf16"):
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+@pytest.mark.slow
+def test_bf16_trains_saves_reloads_and_exports_float32(tmp_path):
+    data = tmp_path / "data"
+    write_dataset(data, n_patients=16, size=48, seed=2)
+    r = subprocess.run([sys.executable, "-m", "covidx.train", "--data", str(data / "kermany"), "--image-size", "32",
+                        "--epochs", "1", "--batch-size", "8", "--precision", "bf16", "--no-jit-compile",
+                        "--out", str(tmp_path / "runs"), "--verbose", "0"], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = next(p for p in (tmp_path / "runs").glob("*/*") if (p / "config.json").is_file())
+    train_cfg = json.loads((run_dir / "config.json").read_text())["train"]
+    assert train_cfg["precision"] == "bf16" and train_cfg["jit_compile"] is False
+
+    model = keras.models.load_model(run_dir / "best.keras", safe_mode=True)
+    policies = {layer.dtype_policy.name for layer in model.layers}
+    assert "mixed_bfloat16" in policies
+    x = np.random.default_rng(1).uniform(0, 255, (2, *model.input_shape[1:])).astype("float32")
+    probs = model(x)
+    assert probs.dtype == "float32"
+    np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, atol=1e-3)
+
+    exported = export(run_dir, tmp_path / "exports")
+    sig = tf.saved_model.load(str(exported)).signatures["predict_tensor"]
+    assert sig.structured_input_signature[1]["images"].dtype == tf.float32
+    got = sig(images=tf.constant(x))["probabilities"]
+    assert got.dtype == tf.float32
+    np.testing.assert_allclose(got.numpy(), np.asarray(probs), atol=1e-2)
+
+    # An fp32 run's checkpoint evaluated / exported in bf16: float32 in and out, close to fp32.
+    run32 = load_run(run_dir, precision="fp32")
+    run16 = load_run(run_dir, precision="bf16")
+    assert run16.model.outputs[0].dtype == "float32"
+    np.testing.assert_allclose(np.asarray(run16.model(x)), np.asarray(run32.model(x)), atol=0.05)
