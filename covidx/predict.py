@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from covidx.data.io import list_inputs, readable
+from covidx.data.io import DEFAULT_MAX_PIXELS, list_inputs, readable, set_max_pixels
 from covidx.explain.runs import write_overlays
-from covidx.runs import load_run, predict_paths
+from covidx.runs import find_checkpoint, load_run, predict_paths
 from covidx.serving.client import export_meta, find_export, is_cascade_export, predict_export, serve_files
 from covidx.systems import CascadeSEME, TwoStagePredictor, segment_files
 
@@ -77,7 +77,18 @@ def main(argv=None) -> int:
     ap.add_argument("--segmenter", help="lesion segmenter run (two-stage system): segments images classified "
                                         "COVID-19 or pneumonia")
     ap.add_argument("--masks", help="folder for the segmenter's masks and overlays (default: next to --out)")
+    ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                    help=f"refuse larger images, read from the header (default {DEFAULT_MAX_PIXELS:,})")
     args = ap.parse_args(argv)
+    set_max_pixels(args.max_pixels)
+    # The checkpoint first: a wrong one fails before any input is read.
+    source = Path(args.checkpoint)
+    if not ((source / "cascade.json").is_file() or find_export(source) is not None):
+        try:
+            find_checkpoint(source)
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         paths = list_inputs(args.input)
     except (ValueError, FileNotFoundError) as e:

@@ -19,6 +19,7 @@ import sys
 import keras
 
 from covidx.data.prepare import add_split_arguments
+from covidx.data.io import DEFAULT_MAX_PIXELS, set_max_pixels
 from covidx.data.sources import DatasetError
 from covidx.models import create_model, get_spec, list_models
 from covidx.tasks import get_task
@@ -79,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sync-batchnorm", action="store_true",
                     help="batch normalisation over the global batch (all replicas) instead of each replica's")
     ap.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
+    ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                    help=f"refuse larger images, read from the header (default {DEFAULT_MAX_PIXELS:,})")
     add_split_arguments(ap)  # --seed, fractions, --respect-source-split, --views, patients, duplicates
     return ap
 
@@ -118,7 +121,8 @@ def main(argv=None) -> int:
     if args.list_models:
         print(list_models_table())
         return 0
-    given = {k: v for k, v in vars(args).items() if k not in ("list_models", "resume")}
+    set_max_pixels(args.max_pixels)
+    given = {k: v for k, v in vars(args).items() if k not in ("list_models", "resume", "max_pixels")}
     try:
         given["model_kwargs"] = parse_key_values(args.model_kwargs)
         given["trainer_kwargs"] = parse_key_values(args.trainer_kwargs)
