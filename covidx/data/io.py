@@ -364,6 +364,36 @@ def list_inputs(target: str | Path) -> list[str]:
     return [str(p)]
 
 
+MIN_RADIOGRAPH_SIDE = 64  # smaller than any detector readout or thumbnail a model should be trusted on
+
+
+def radiograph_warnings(path: str | Path) -> list[str]:
+    """Why an input does not look like a radiograph (empty when it does): a binary mask (two values cover
+    nearly every pixel), a colour photograph (channels differ), a tiny image. For ``predict``'s ``warning``
+    column; the prediction is still made."""
+    header = check_image(path)
+    out = []
+    if min(header.width, header.height) < MIN_RADIOGRAPH_SIDE:
+        out.append(f"tiny image ({header.width}x{header.height})")
+    if header.format == "dicom":
+        gray = read_dicom(path)
+    else:
+        raw = cv2.imdecode(np.fromfile(str(path), dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        if raw is None:
+            raise ImageReadError(f"{path}: cannot be decoded as an image")
+        if raw.ndim == 3 and raw.shape[-1] >= 3:
+            c = raw[..., :3].astype(np.float32)
+            spread = float(np.mean(np.max(c, -1) - np.min(c, -1)) / (np.iinfo(raw.dtype).max / 255.0))
+            if spread > 10.0:  # mean channel spread in 8-bit levels: gray X-rays saved as RGB have ~0
+                out.append("colour image (radiographs are gray)")
+        gray = to_gray_float(raw, sample_bits(raw, header) if raw.dtype == np.uint16 else 8)
+    values, counts = np.unique(np.round(gray).astype(np.int32), return_counts=True)
+    if np.sort(counts)[-2:].sum() >= 0.98 * gray.size:
+        out.append(f"looks like a mask ({min(len(values), 2)} values cover {np.sort(counts)[-2:].sum() / gray.size:.0%} "
+                   f"of the pixels)")
+    return out
+
+
 PATH_COLUMNS = ("path", "mask_path", "lesion_path")
 
 
