@@ -66,8 +66,10 @@ def test_killed_and_resumed_run_repeats_the_uninterrupted_history(tmp_path):
     assert history is not None, "the run never finished an epoch"
     done = len(pd.read_csv(history))
     assert done < 3
-    r = subprocess.run([sys.executable, "-m", "covidx.train", "--resume", history.parent, "--verbose", 2],
-                       capture_output=True, text=True, env=ENV, cwd=Path.home())  # from another folder
+    repo = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "covidx.train", "--resume", str(history.parent), "--verbose", "2"],
+                       capture_output=True, text=True, env={**ENV, "PYTHONPATH": str(repo)},
+                       cwd=tmp_path / "data")  # from another folder
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming from epoch {done + 1} of 3" in r.stdout
     a = pd.read_csv(next((tmp_path / "a").glob("*/*/history.csv")))
