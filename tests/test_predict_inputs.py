@@ -72,9 +72,9 @@ def test_split_file_found_from_any_folder_and_missing_files_counted(tmp_path, mo
     data.mkdir()
     for i in range(5):
         write_image(data / f"x{i}.png", seed=i)
-    rel = pd.DataFrame({"path": [f"data/x{i}.png" for i in range(5)], "split": "test", "label_index": 0,
-                        "mask_path": "", "lesion_path": "", "patient_id": [f"p{i}" for i in range(5)]})
-    rel.to_csv(run / SPLIT_FILE, index=False)  # relative to where training ran (tmp_path), as old runs wrote
+    split = pd.DataFrame({"path": [str(data / f"x{i}.png") for i in range(5)], "split": "test", "label_index": 0,
+                          "mask_path": "", "lesion_path": "", "patient_id": [f"p{i}" for i in range(5)]})
+    split.to_csv(run / SPLIT_FILE, index=False)  # absolute, as training writes it
     monkeypatch.chdir(tmp_path / "runs")  # another folder
     table = load_run(run).split_table()
     assert table["path"].tolist() == [str(data / f"x{i}.png") for i in range(5)]
