@@ -9,6 +9,7 @@ PARAMETERS: dict[str, int] = {
     "baseline-efficientnetb0": 4_054_695,
     "baseline-mobilenetv2": 2_263_108,
     "baseline-resnet50": 23_595_908,
+    "baseline-smallcnn": 295_188,
     "cascade-seme": 70_408_543,
     "densenet169-base": 12_799_682,
     "densenet169-gap": 12_639_938,
