@@ -15,7 +15,12 @@ Command-line entry points: ``python -m covidx.train``, ``covidx.data``, ``covidx
 
 import os as _os
 
-# TF's C++ start-up chatter (CUDA probing, oneDNN notes) buries covidx's own output.
+# TF's C++ start-up chatter (CUDA probing, oneDNN notes) buries covidx's own output: its log level for
+# what goes through absl, and the lines written before absl starts dropped at import (covidx._quiet).
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if _os.environ.get("COVIDX_TF_STARTUP_LOG") != "1":  # set it to see TensorFlow's start-up lines again
+    from covidx._quiet import import_tensorflow_quietly as _import_tf  # first, before any submodule imports TF
+
+    _import_tf()
 
 __version__ = "0.1.0"

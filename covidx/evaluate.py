@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from covidx.data.io import DEFAULT_MAX_PIXELS, set_max_pixels
 from covidx.data.sources import DatasetError
 from covidx.explain.runs import AUDIT_INPUTS, run_audit
 from covidx.model_card import write_model_card
@@ -55,7 +56,10 @@ def main(argv=None) -> int:
                     help="report.html: Grad-CAM of the N most confident correct and wrong cases per class (0: none)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--precision", choices=PRECISIONS, help="compute in fp32, bf16, fp16 or auto (bf16 on CPUs with bfloat16 units); default: as trained")
+    ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                    help=f"refuse larger images, read from the header (default {DEFAULT_MAX_PIXELS:,})")
     args = ap.parse_args(argv)
+    set_max_pixels(args.max_pixels)
 
     several = len(args.checkpoint) > 1
     out_root = Path(args.out) if args.out else None

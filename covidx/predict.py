@@ -2,7 +2,9 @@
 
 INPUT is an image (PNG, JPEG, DICOM), a folder (searched recursively) or a CSV with a
 ``path`` column. Prints and writes one row per image: path, the probability of every
-class, the predicted label. Unreadable files are reported with the reason and skipped.
+class, the predicted label and a ``warning`` (inputs that do not look like radiographs: binary masks,
+colour photographs, tiny images; every row of a model trained on SYNTHETIC data). Unreadable files are
+reported with the reason and skipped.
 ``--explain gradcam`` writes a Grad-CAM overlay per image (Keras checkpoints; for a cascade folder,
 one per stage reached, stage 2 on its lung-region input).
 
@@ -27,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from covidx.data.io import list_inputs, readable
+from covidx.data.io import DEFAULT_MAX_PIXELS, ImageReadError, list_inputs, radiograph_warnings, readable, set_max_pixels
 from covidx.explain.runs import write_overlays
 from covidx.precision import PRECISIONS
-from covidx.runs import load_run, predict_paths
+from covidx.runs import find_checkpoint, load_run, predict_paths
 from covidx.serving.client import export_meta, find_export, is_cascade_export, predict_export, serve_files
 from covidx.systems import CascadeSEME, TwoStagePredictor, segment_files
 
@@ -47,6 +49,14 @@ def write_results(path, paths, probs, class_names, extra: dict[str, list] | None
         for i, (p, row) in enumerate(zip(paths, probs)):
             label = labels[i] if labels is not None else class_names[int(np.argmax(row))]
             w.writerow([p, *[f"{v:.6f}" for v in row], label, *[values[i] for values in extra.values()]])
+
+
+def input_warnings(path) -> list[str]:
+    """:func:`covidx.data.io.radiograph_warnings`, or the read error (the file was readable a moment ago)."""
+    try:
+        return radiograph_warnings(path)
+    except ImageReadError as e:
+        return [str(e)]
 
 
 def predict_cascade(source: Path, paths, batch_size=16):
@@ -79,7 +89,18 @@ def main(argv=None) -> int:
     ap.add_argument("--segmenter", help="lesion segmenter run (two-stage system): segments images classified "
                                         "COVID-19 or pneumonia")
     ap.add_argument("--masks", help="folder for the segmenter's masks and overlays (default: next to --out)")
+    ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                    help=f"refuse larger images, read from the header (default {DEFAULT_MAX_PIXELS:,})")
     args = ap.parse_args(argv)
+    set_max_pixels(args.max_pixels)
+    # The checkpoint first: a wrong one fails before any input is read.
+    source = Path(args.checkpoint)
+    if not ((source / "cascade.json").is_file() or find_export(source) is not None):
+        try:
+            find_checkpoint(source)
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         paths = list_inputs(args.input)
     except (ValueError, FileNotFoundError) as e:
@@ -95,6 +116,7 @@ def main(argv=None) -> int:
     export_dir = find_export(args.checkpoint)
     extra = None
     labels = None
+    run = None
     try:
         cascade_source = export_dir if export_dir is not None else Path(args.checkpoint)
         if (cascade_source / "cascade.json").is_file() or (export_dir is not None and is_cascade_export(export_dir)):
@@ -129,11 +151,20 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    synthetic = False
+    if export_dir is not None:
+        synthetic = bool(export_meta(export_dir).get("synthetic"))
+    elif run is not None:
+        synthetic = bool(run.config.synthetic)
+    warnings = [input_warnings(p) + (["model trained on SYNTHETIC data, not patients"] if synthetic else [])
+                for p in good]
+    extra = {**(extra or {}), "warning": ["; ".join(w) for w in warnings]}
     write_results(args.out, good, probs, names, extra, labels)
     if len(good) <= 20:
         for i, (p, row) in enumerate(zip(good, probs)):
             label = labels[i] if labels is not None else names[int(np.argmax(row))]
-            print(f"{p}: {label}  " + "  ".join(f"{c}={v:.3f}" for c, v in zip(names, row)))
+            print(f"{p}: {label}  " + "  ".join(f"{c}={v:.3f}" for c, v in zip(names, row))
+                  + (f"  WARNING: {'; '.join(warnings[i])}" if warnings[i] else ""))
     if args.explain:
         out = Path(args.out)
         folder = Path(args.overlays) if args.overlays else out.with_name(out.stem + "_overlays")
@@ -145,7 +176,9 @@ def main(argv=None) -> int:
         print(f"{len(written)} overlays in {folder}")
     if extra is not None and "segmented" in extra:
         print(f"{int(sum(extra['segmented']))} of {len(good)} images segmented; masks and overlays in {mask_dir}")
-    print(f"{len(good)} images -> {args.out}" + (f" ({len(bad)} skipped)" if bad else ""))
+    flagged = sum(bool(w) for w in warnings)
+    print(f"{len(good)} images -> {args.out}" + (f" ({len(bad)} skipped)" if bad else "")
+          + (f"; {flagged} with a warning (column 'warning')" if flagged else ""))
     return 0
 
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import covidx.layers  # noqa: F401  (registers the custom layers load_model needs)
 import covidx.models  # noqa: F401  (registers the models' own layers)
+from covidx.data.io import PATH_COLUMNS, missing_files_message
 from covidx.data.pipeline import make_dataset
 from covidx.data.preprocess import PreprocessConfig
 from covidx.data.splitfile import read_split_file
@@ -128,9 +129,17 @@ class Run:
         return self.config.regional
 
     def split_table(self) -> pd.DataFrame | None:
+        """The run's ``split.csv``; raises :class:`FileNotFoundError` with how many of its files are missing
+        (the data moved) and the first few, before any is decoded."""
         if self.directory is None or not (self.directory / SPLIT_FILE).is_file():
             return None
-        return read_split_csv(self.directory / SPLIT_FILE)
+        table = read_split_csv(self.directory / SPLIT_FILE)
+        files = [p for col in PATH_COLUMNS if col in table for p in table[col].astype(str)]
+        problem = missing_files_message(files, str(self.directory / SPLIT_FILE),
+                                        "the data moved: pass --data DATASET to say where it is now")
+        if problem:
+            raise FileNotFoundError(problem)
+        return table
 
 
 def read_split_csv(path: str | Path) -> pd.DataFrame:

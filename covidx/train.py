@@ -16,12 +16,12 @@ import argparse
 import json
 import sys
 
-import keras
-
+from covidx.data.io import DEFAULT_MAX_PIXELS, set_max_pixels
 from covidx.data.prepare import add_split_arguments
 from covidx.data.sources import DatasetError
+from covidx.models import get_spec, list_models
+from covidx.models.parameters import PARAMETERS
 from covidx.precision import PRECISIONS
-from covidx.models import create_model, get_spec, list_models
 from covidx.tasks import get_task
 from covidx.training.engine import DEFAULT_MODEL, DEFAULT_RUN, TrainConfig, TrainingError, train
 from covidx.training.report import END_OF_RUN
@@ -85,24 +85,31 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sync-batchnorm", action="store_true",
                     help="batch normalisation over the global batch (all replicas) instead of each replica's")
     ap.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
+    ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                    help=f"refuse larger images, read from the header (default {DEFAULT_MAX_PIXELS:,})")
     add_split_arguments(ap)  # --seed, fractions, --respect-source-split, --views, patients, duplicates
     return ap
 
 
 def list_models_table(names=None) -> str:
-    """One line per registered model: kind, task, input, parameter count (built at full size), description."""
-    lines = [f"{'model':<22}{'kind':<12}{'task':<9}{'input':>10}{'parameters':>14}  description"]
+    """One line per registered model: kind, task, input, parameter count at full size (from
+    :data:`covidx.models.parameters.PARAMETERS`, checked against built models by a test: nothing is built
+    here, so the table prints at once), description. Columns are as wide as their longest entry."""
+    rows = []
     for name in names or list_models():
-        spec = get_spec(name)
+        spec, count = get_spec(name), PARAMETERS.get(name)
         p = spec.preset
-        try:
-            n = f"{create_model(name).count_params():,}"
-        except Exception as e:  # a model that cannot be built is listed with the reason
-            n = f"({type(e).__name__})"
-        keras.backend.clear_session()
-        lines.append(f"{name:<22}{spec.kind:<12}{p.task:<9}{f'{p.image_size}x{p.channels}':>10}{n:>14}  {spec.description}"
-                     f" [{get_task(p.task).num_classes} classes]")
-    return "\n".join(lines)
+        rows.append((name, spec.kind, p.task, f"{p.image_size}x{p.channels}",
+                     f"{count:,}" if count is not None else "?",
+                     f"{spec.description} [{get_task(p.task).num_classes} classes]"))
+    header = ("model", "kind", "task", "input", "parameters", "description")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+
+    def line(r):
+        return (f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}}  "
+                f"{r[4]:>{widths[4]}}  {r[5]}")
+
+    return "\n".join(line(r) for r in [header, *rows])
 
 
 def parse_key_values(items) -> dict:
@@ -124,7 +131,8 @@ def main(argv=None) -> int:
     if args.list_models:
         print(list_models_table())
         return 0
-    given = {k: v for k, v in vars(args).items() if k not in ("list_models", "resume")}
+    set_max_pixels(args.max_pixels)
+    given = {k: v for k, v in vars(args).items() if k not in ("list_models", "resume", "max_pixels")}
     try:
         given["model_kwargs"] = parse_key_values(args.model_kwargs)
         given["trainer_kwargs"] = parse_key_values(args.trainer_kwargs)

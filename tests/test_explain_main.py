@@ -98,7 +98,7 @@ def test_explain_cli_writes_one_overlay_per_image_and_a_contact_sheet(tmp_path):
         pngs = sorted(p.name for p in out.glob("x*.png"))
         assert len(pngs) == n
         img = cv2.imread(str(out / pngs[0]))
-        assert img.shape == (64, 64, 3)
+        assert min(img.shape[:2]) >= 512  # readable: at least 512 px, titled, with a colour bar
         assert cv2.imread(str(out / "contact_sheet.png")) is not None
     out = tmp_path / "lime"
     assert explain_main(["--checkpoint", str(run), "--image", str(folder / "x0.png"), "--method", "lime",
@@ -126,3 +126,17 @@ def test_attention_method_on_mag_sd(tmp_path):
     assert cv2.imread(str(tmp_path / "o" / "a_attention.png")).shape == (64, 64, 3)
     box = pd.read_csv(tmp_path / "o" / "attention.csv").iloc[0]
     assert 0 <= box.box_y0 < box.box_y1 <= 64 and 0 < box.mask_fraction <= 1
+
+
+def test_explanations_go_under_the_run_folder_and_carry_a_colour_bar(tmp_path):
+    from covidx.explain.overlay import explanation_figure
+
+    run, _, _ = make_run(tmp_path / "run", size=64)
+    cv2.imwrite(str(tmp_path / "x.png"), np.random.default_rng(0).integers(0, 255, (40, 44), np.uint8))
+    assert explain_main(["--checkpoint", str(run), "--image", str(tmp_path / "x.png")]) == 0
+    assert (run / "explanations" / "x_gradcam.png").is_file()
+    heat = np.tile(np.linspace(0, 1, 64), (64, 1))
+    fig = explanation_figure(np.full((64, 64), 128, np.uint8), heat, "x.png: normal (p = 0.91)")
+    assert fig.shape[0] >= 512 and fig.shape[1] > fig.shape[0]  # the colour bar widens the figure
+    bar = fig[fig.shape[0] // 2, int(fig.shape[1] * 0.8):]
+    assert (np.abs(bar[:, 0].astype(int) - bar[:, 2].astype(int)) > 100).any()  # jet colours beside the image

@@ -19,10 +19,11 @@ from covidx.data.confounding import (
 )
 from covidx.data.duplicates import describe_groups, duplicate_groups, fingerprint_table
 from covidx.data.prepare import add_split_arguments, build_split, options_from_args
+from covidx.data.io import DEFAULT_MAX_PIXELS, set_max_pixels
 from covidx.data.sources import LAYOUTS, DatasetError, load_sources, parse_views
 from covidx.data.splitfile import write_split_file
 from covidx.data.splits import select_task, split_summary
-from covidx.data.verify import verify_table
+from covidx.data.verify import bit_depth_summary, verify_table
 from covidx.tasks import TASKS, get_task
 
 
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write the split covidx.train would use (path,label,patient_id,source,split); needs --task")
     ap.add_argument("--relative-paths", action="store_true",
                     help="with --write-split: paths relative to the split file's folder (to share it with the data)")
+    ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                    help=f"refuse larger images, read from the header (default {DEFAULT_MAX_PIXELS:,})")
     add_split_arguments(ap)
     return ap
 
@@ -49,8 +52,10 @@ def main(argv=None) -> int:
     if args.write_split and not args.task:
         print("error: --write-split needs --task (the task covidx.train will use)", file=sys.stderr)
         return 2
+    set_max_pixels(args.max_pixels)
     task = get_task(args.task) if args.task else None
     groups = None
+    depth_lines = []
     try:
         if args.write_split:
             options = options_from_args(args, verify=args.verify is not False)
@@ -60,6 +65,7 @@ def main(argv=None) -> int:
             table, report = load_sources(args.paths, args.layout, views=parse_views(args.views), patients=rule)
             if args.verify:
                 table = verify_table(table, report)
+                depth_lines = bit_depth_summary(table["path"].tolist())
             if task:
                 table = select_task(table, task, report)
             if args.list_duplicates:
@@ -92,6 +98,9 @@ def main(argv=None) -> int:
               f"cross-source groups")
         if args.list_duplicates:
             print("\n".join(describe_groups(groups)))
+    if depth_lines:
+        print("\n16-bit images (scaled to [0, 255] by their significant bits):")
+        print("\n".join(f"  {line}" for line in depth_lines))
     lines = report.lines()
     if lines:
         print(f"\n{len(report.skipped)} skipped, {len(report.unmapped)} unmapped, "

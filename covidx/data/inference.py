@@ -13,44 +13,14 @@ from pathlib import Path
 import tensorflow as tf
 
 from covidx.data.clahe import clahe_tf
-from covidx.data.io import decode_bytes_tf, decode_tf, is_dicom, to_channels, to_gray_array
+from covidx.data.io import decode_bytes_tf, decode_tf, decodes_in_python, encoded_size, to_channels, to_gray_array
 from covidx.data.preprocess import PreprocessConfig, crop_tf, resize_tf
 
-PNG_MAGIC = b"\x89PNG"
-JPEG_MAGIC = b"\xff\xd8\xff"
-
-
-def encoded_size(data):
-    """(height, width) from a PNG or JPEG header without decoding; InvalidArgument for other bytes."""
-    magic4 = tf.strings.substr(data, 0, 4)
-    is_png = tf.equal(magic4, PNG_MAGIC)
-    is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), JPEG_MAGIC)
-    # A PNG has at least signature + IHDR (33 bytes) before any data; shorter bytes are not an image.
-    long_enough = tf.strings.length(data) >= 33
-    check = tf.debugging.Assert(tf.logical_and(tf.logical_or(is_png, is_jpeg), long_enough),
-                                ["request bytes are not a PNG or JPEG image"])
-
-    def png():
-        ihdr = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 16, 8), tf.uint8), tf.int64)
-        w = ((ihdr[0] * 256 + ihdr[1]) * 256 + ihdr[2]) * 256 + ihdr[3]
-        h = ((ihdr[4] * 256 + ihdr[5]) * 256 + ihdr[6]) * 256 + ihdr[7]
-        return tf.stack([h, w])
-
-    def jpeg():
-        return tf.cast(tf.image.extract_jpeg_shape(data)[:2], tf.int64)
-
-    with tf.control_dependencies([check]):  # fail with our message before any decoder sees the bytes
-        return tf.cond(is_png, png, jpeg)
-
-
-def preprocess_bytes(data, config: PreprocessConfig, max_pixels: int):
-    """One encoded image -> float32 (S, S, C) exactly as the evaluation pipeline prepares it."""
-    hw = encoded_size(data)
-    check = tf.debugging.assert_less_equal(
-        hw[0] * hw[1], tf.constant(max_pixels, tf.int64),
-        message=f"image exceeds the configured pixel limit of {max_pixels} pixels",
-    )
-    with tf.control_dependencies([check]):
+def preprocess_bytes(data, config: PreprocessConfig, max_pixels: int, index=None):
+    """One encoded image -> float32 (S, S, C) exactly as the evaluation pipeline prepares it. ``index`` (its
+    position in the request batch) goes into the InvalidArgument message of a bad image."""
+    hw = encoded_size(data, max_pixels, index)  # the reader contract: header, pixel limit, aspect-ratio bound
+    with tf.control_dependencies([hw]):
         img = decode_bytes_tf(data)
     return preprocess_gray(img, config)
 
@@ -75,7 +45,7 @@ def gray_input(image):
     (decoded as the export decodes them) or an array (H, W), (H, W, 1) or RGB (H, W, 3).
     """
     if isinstance(image, (str, Path)):
-        return decode_tf(tf.constant(str(image)), tf.constant(is_dicom(image)))
+        return decode_tf(tf.constant(str(image)), tf.constant(decodes_in_python(image)))
     if isinstance(image, bytes):
         return decode_bytes_tf(tf.constant(image))
     return tf.constant(to_gray_array(image)[..., None])

@@ -86,7 +86,7 @@ def make_dataset(
     size, crop = config.image_size, config.resize == "crop"
 
     paths = table["path"].astype(str).tolist()
-    dicom = table["dicom"].astype(bool).tolist() if "dicom" in table else dicom_flags(paths)
+    dicom = dicom_flags(paths)  # DICOM and TIFF are read in Python (read_image), the rest by TF ops
     labels = table["label_index"].astype(int).tolist()
     target_masks = (table[task.mask_column].astype(str).tolist() if segmentation else [""] * len(paths))
     lung = table["mask_path"].astype(str).tolist() if lung_masks else [""] * len(paths)
@@ -104,7 +104,7 @@ def make_dataset(
     any_dicom = any(dicom)
 
     def load(e):
-        # Without DICOM files the graph holds no Python (pydicom) call at all.
+        # Without DICOM/TIFF files the graph holds no Python (pydicom/OpenCV) call at all.
         decoded = decode_tf(e["path"], e["dicom"]) if any_dicom else decode_bytes_tf(tf.io.read_file(e["path"]))
         img = resize_tf(decoded, size, config.resize)
         hw = tf.shape(img)[:2]

@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", required=True, help="run directory or .keras file")
     ap.add_argument("--image", required=True, help="an image, a folder or a CSV with a 'path' column")
     ap.add_argument("--method", default="gradcam", choices=METHODS)
-    ap.add_argument("--out", default="explanations", help="output folder")
+    ap.add_argument("--out", help="output folder (default: RUN/explanations, the run folder's)")
     ap.add_argument("--layer", help="Grad-CAM target layer (default: the model's registered layer)")
     ap.add_argument("--class", dest="class_name", help="explain this class (default: the predicted one)")
     ap.add_argument("--lime-samples", type=int, default=1000, help="LIME perturbations per image")
@@ -39,12 +39,13 @@ def main(argv=None) -> int:
             if args.class_name not in run.class_names:
                 raise ValueError(f"unknown class {args.class_name!r}; the model's classes: {run.class_names}")
             class_index = run.class_names.index(args.class_name)
-        written = write_overlays(run, paths, args.method, args.out, args.batch_size, args.layer, class_index,
+        out = args.out or ((run.directory or run.checkpoint.parent) / "explanations")
+        written = write_overlays(run, paths, args.method, out, args.batch_size, args.layer, class_index,
                                  args.lime_samples)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{len(written)} overlays in {args.out}" + (" (+ contact_sheet.png)" if len(written) > 1 else ""))
+    print(f"{len(written)} overlays in {out}" + (" (+ contact_sheet.png)" if len(written) > 1 else ""))
     return 0
 
 

@@ -82,6 +82,32 @@ def overlay_heatmap(image, heatmap, alpha: float = 0.4, colormap: str = "jet") -
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
+MIN_FIGURE_SIDE = 512  # overlays smaller than this are thumbnails nobody can read
+
+
+def explanation_figure(image, heatmap, title: str, label: str = "Grad-CAM (relative importance)",
+                       min_side: int = MIN_FIGURE_SIDE, alpha: float = 0.4, colormap: str = "jet") -> np.ndarray:
+    """(H', W', 3) uint8 figure: the heatmap over the image at ``max(its size, min_side)`` pixels (bicubic
+    image, bilinear heatmap), titled (class and probability) and with a colour bar of the heatmap's scale."""
+    gray = display_gray(image)
+    scale = max(1.0, min_side / min(gray.shape[:2]))
+    size = (int(round(gray.shape[1] * scale)), int(round(gray.shape[0] * scale)))
+    gray = cv2.resize(gray, size, interpolation=cv2.INTER_CUBIC)
+    heat = cv2.resize(np.asarray(heatmap, np.float32), size, interpolation=cv2.INTER_LINEAR)
+    dpi = 100
+    fig = Figure(figsize=(size[0] / dpi * 1.25, size[1] / dpi + 0.6), dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes([0.02, 0.02, 0.78, 0.9])
+    ax.imshow(gray, cmap="gray", vmin=0, vmax=255)
+    shown = ax.imshow(np.clip(heat, 0, 1), cmap=colormap, alpha=alpha, vmin=0, vmax=1)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=12)
+    bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+    bar.set_label(label)
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
 def save_png(path, array) -> Path:
     """Write a grayscale (H, W) or RGB (H, W, 3) array in [0, 255] as PNG; creates parent folders."""
     path = Path(path)

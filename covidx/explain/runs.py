@@ -23,7 +23,7 @@ from covidx.explain.ensemble import ensemble_gradcam
 from covidx.explain.gradcam import GradCAM, iter_layers
 from covidx.explain.lime import explain_lime, render_lime
 from covidx.explain.localization import localize
-from covidx.explain.overlay import contact_sheet, display_gray, overlay_heatmap, save_png
+from covidx.explain.overlay import contact_sheet, display_gray, explanation_figure, overlay_heatmap, save_png
 from covidx.models import get_spec
 from covidx.models.magsd import attention_view
 from covidx.tasks import TASKS
@@ -98,8 +98,12 @@ def write_overlays(run, paths, method, folder, batch_size=16, layer=None, class_
     tiles, titles, written, rows = [], [], [], []
     if method in ("gradcam", "gradcam++"):
         maps, classes = gradcam_heatmaps(run, images, method, layer, class_index, batch_size)
-        renders = [overlay_heatmap(display_gray(im), m) for im, m in zip(images, maps)]
+        probs = run.model.predict(images, batch_size=batch_size, verbose=0)
+        probs = np.asarray(probs[0] if isinstance(probs, (list, tuple)) else probs)
         labels = [names[int(c)] for c in classes]
+        renders = [explanation_figure(im, m, f"{Path(p).name}: {names[int(c)]} (p = {probs[i, int(c)]:.2f})",
+                                      label=f"{method.replace('gradcam', 'Grad-CAM')} (relative importance)")
+                   for i, (p, im, m, c) in enumerate(zip(paths, images, maps, classes))]
     elif method == "attention":
         maps, masks, boxes = attention_heatmaps(run, images)
         renders = []

@@ -12,10 +12,10 @@ Signatures:
 Segmenters (lung U-Net, FC-DenseNet103) return ``probabilities`` ``[None, S, S, K]`` and ``mask``
 uint8 ``[None, S, S]`` (the per-pixel class) instead.
 
-Bad requests (not PNG/JPEG, an empty batch, an image over ``max_pixels``) fail with
-``InvalidArgument`` and a message saying which; nothing crashes or hangs. The run's
-``config.json`` goes to ``assets.extra/covidx.json`` and its model card (:mod:`covidx.model_card`) to
-``assets.extra/MODEL_CARD.md`` (TF Serving ignores that folder).
+Bad requests (not PNG/JPEG, truncated, an empty batch, an image over ``max_pixels`` or the aspect-ratio bound)
+fail with ``InvalidArgument`` and a message saying which element (``image_bytes[i]: reason``) and why; nothing
+crashes or hangs. The run's ``config.json`` goes to ``assets.extra/covidx.json`` and its model card
+(:mod:`covidx.model_card`) to ``assets.extra/MODEL_CARD.md`` (TF Serving ignores that folder).
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def build_archive(run: Run, max_pixels: int = DEFAULT_MAX_PIXELS) -> keras.expor
 
     def serving_default(image_bytes):
         tf.debugging.assert_greater(tf.size(image_bytes), 0, message="empty batch: send at least one image")
-        images = tf.map_fn(lambda b: preprocess_bytes(b, config, max_pixels), image_bytes,
+        index = tf.range(tf.size(image_bytes, out_type=tf.int64))  # a bad element is named by its position
+        images = tf.map_fn(lambda e: preprocess_bytes(e[1], config, max_pixels, e[0]), (index, image_bytes),
                            fn_output_signature=tf.TensorSpec([size, size, channels], tf.float32))
         return outputs(images)
 

@@ -49,7 +49,9 @@ def build_cascade_archive(cascade: CascadeSEME, max_pixels: int | None = None) -
 
     def serving_default(image_bytes):
         tf.debugging.assert_greater(tf.size(image_bytes), 0, message="empty batch: send at least one image")
-        x1 = tf.map_fn(lambda b: preprocess_bytes(b, c1, max_pixels), image_bytes, fn_output_signature=spec(c1))
+        index = tf.range(tf.size(image_bytes, out_type=tf.int64))  # a bad element is named by its position
+        x1 = tf.map_fn(lambda e: preprocess_bytes(e[1], c1, max_pixels, e[0]), (index, image_bytes),
+                       fn_output_signature=spec(c1))
 
         def routed_inputs(idx):
             chosen = tf.gather(image_bytes, idx)
@@ -129,9 +131,10 @@ def build_two_stage_archive(predictor: TwoStagePredictor, max_pixels: int | None
 
     def serving_default(image_bytes):
         tf.debugging.assert_greater(tf.size(image_bytes), 0, message="empty batch: send at least one image")
+        index = tf.range(tf.size(image_bytes, out_type=tf.int64))  # a bad element is named by its position
         cx, sx = tf.map_fn(
-            lambda b: (preprocess_bytes(b, cconf, max_pixels), preprocess_bytes(b, sconf, max_pixels)),
-            image_bytes,
+            lambda e: (preprocess_bytes(e[1], cconf, max_pixels, e[0]), preprocess_bytes(e[1], sconf, max_pixels, e[0])),
+            (index, image_bytes),
             fn_output_signature=(tf.TensorSpec([cconf.image_size, cconf.image_size, cconf.channels], tf.float32),
                                  tf.TensorSpec([sconf.image_size, sconf.image_size, sconf.channels], tf.float32)),
         )

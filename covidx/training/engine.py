@@ -49,6 +49,7 @@ from covidx.training.distribute import (
 from covidx.training.report import END_OF_RUN, LearningCurves, split_figures
 from covidx.training.schedules import WarmUp
 from covidx.training.lung_masks import attach_lung_masks
+from covidx.training.resume import EpochSeeds, completed_epochs, fast_forward
 from covidx.training.segmentation import DiceCoefficient, DiceCrossEntropyLoss, IoUScore
 from covidx.training.trainers import get_trainer, resolve_jit_compile
 
@@ -139,6 +140,11 @@ def resolve(cfg: TrainConfig):
     for k, v in values.items():
         if v is None and hasattr(preset, k):
             values[k] = getattr(preset, k)
+    # Paths absolute, so config.json (and --resume) mean the same files from any folder.
+    values["data"] = [str(Path(d).resolve()) for d in values["data"]]
+    values["out"] = str(Path(values["out"]).resolve())
+    if values["lung_masks"]:
+        values["lung_masks"] = str(Path(values["lung_masks"]).resolve())
     cfg = TrainConfig(**values)
     return cfg, preset, get_task(cfg.task)
 
@@ -340,7 +346,13 @@ def _train(cfg: TrainConfig, strategy, resume, chief: bool, scratch: Path) -> Pa
             synthetic=not cfg.data, test_source=cfg.test_source, replicas=strategy.num_replicas_in_sync,
         ).save(run_dir)
     monitor = "val_loss" if val_ds is not None else "loss"
+    done = completed_epochs(run_dir / "backup") if resume is not None else 0  # what every worker restores
+    if resume is not None:
+        print(f"resuming from epoch {done + 1} of {cfg.epochs} ({done} done, weights and optimizer state "
+              f"from {run_dir / 'backup'})", flush=True)
+        fast_forward(train_ds, done)  # the pipeline's randomness at epoch `done`, as in the uninterrupted run
     callbacks = [
+        EpochSeeds(cfg.seed),  # Keras' random state per epoch from (seed, epoch): a resume repeats the run
         WorkerBackupAndRestore(run_dir / "backup", out_dir / "backup", delete_checkpoint=False),
         NetCheckpoint(out_dir, monitor=monitor),
         keras.callbacks.CSVLogger(str(out_dir / "history.csv"), append=True),
