@@ -29,7 +29,7 @@ def import_tensorflow_quietly():
             import tensorflow as tf  # inside the redirect: this is the point of the function
 
             tf.config.list_physical_devices()
-            tf.zeros([1]) + 1  # the first op runs the CPU-feature guard, which logs too
+            # No op may run here: a multi-worker strategy must configure collective ops before the first one.
         finally:
             os.dup2(saved, 2)
             os.close(saved)

@@ -138,5 +138,5 @@ def test_explanations_go_under_the_run_folder_and_carry_a_colour_bar(tmp_path):
     heat = np.tile(np.linspace(0, 1, 64), (64, 1))
     fig = explanation_figure(np.full((64, 64), 128, np.uint8), heat, "x.png: normal (p = 0.91)")
     assert fig.shape[0] >= 512 and fig.shape[1] > fig.shape[0]  # the colour bar widens the figure
-    bar = fig[fig.shape[0] // 2, int(fig.shape[1] * 0.8):]
-    assert (np.abs(bar[:, 0].astype(int) - bar[:, 2].astype(int)) > 100).any()  # jet colours beside the image
+    bar = fig[:, int(fig.shape[1] * 0.8):].reshape(-1, 3).astype(int)  # the vertical bar right of the image
+    assert (bar[:, 0] - bar[:, 2] > 100).any() and (bar[:, 2] - bar[:, 0] > 100).any()  # jet's red and blue ends

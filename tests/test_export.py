@@ -125,7 +125,7 @@ def test_export_cli_and_predict_cli_with_a_corrupt_file(tmp_path):
         assert "broken.png" in r.stderr and "skipped" in r.stderr
         df = pd.read_csv(out)
         assert sorted(df.path) == sorted(paths)
-        assert list(df.columns) == ["path", "p_covid19", "p_bacterial", "p_viral", "p_normal", "label"]
+        assert list(df.columns) == ["path", "p_covid19", "p_bacterial", "p_viral", "p_normal", "label", "warning"]
         want = keras_probs(net, pre, list(df.path))
         np.testing.assert_allclose(df[[f"p_{c}" for c in CLASSES]].to_numpy(), want, atol=1e-5)
     _ = env

@@ -99,7 +99,7 @@ def test_predict_segments_sick_images_and_skips_corrupt_file(tmp_path, capsys):
 
     df = pd.read_csv(out, keep_default_na=False)
     assert list(df.columns) == ["path", "p_covid19", "p_pneumonia", "p_normal", "label", "segmented", "mask_path",
-                                "overlay_path"]
+                                "overlay_path", "warning"]
     assert sorted(df.path) == sorted(images)  # the corrupt file is not in the results
     for _, row in df.iterrows():
         img = images[row.path]
