@@ -111,7 +111,7 @@ def test_two_workers_train_like_one_process_and_only_the_chief_writes(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skip(reason="KNOWN DEFECT (issue 18 open): the restarted two-worker job hangs in TF's collective-ops "
                          "initialisation (both workers wait in Context.ensure_initialized); the first job trains and "
-                         "writes its backup. Kept so the next session can reproduce it: pytest --runxfail -k killed")
+                         "writes its backup. Remove this marker to reproduce it: pytest tests/test_multiworker.py -k killed")
 def test_killed_worker_job_restarts_and_continues_from_the_last_epoch(tmp_path):
     """BackupAndRestore across workers: worker 1 is killed after an epoch, the job is started again unchanged."""
     import time
