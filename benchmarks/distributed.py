@@ -21,23 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+from covidx.training.distribute import local_cluster  # noqa: E402
 
 
 def run(args) -> None:
@@ -82,11 +76,9 @@ def launch(mode, args):
     if mode == "single":
         out = subprocess.run([*common, "--threads", "2"], capture_output=True, text=True, check=True).stdout
         return json.loads(out.strip().splitlines()[-1])
-    ports = free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
-    for i in range(2):
-        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})}
+    for config in local_cluster(2):
+        env = {**os.environ, "TF_CONFIG": config}
         procs.append(subprocess.Popen([*common, "--threads", "1"], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     outs = [p.communicate()[0] for p in procs]

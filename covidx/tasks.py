@@ -43,6 +43,12 @@ class Task:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def image_classes(self) -> tuple[str, ...] | None:
+        """The classes a whole image is labelled with; ``None`` for segmentation (its classes are per pixel:
+        no image is a 'background' image, and split tables should not say one is missing)."""
+        return self.classes if self.kind == "classification" else None
+
     def label_of(self, finding: str) -> str | None:
         """Class name for a finding, or ``None`` when the task excludes it."""
         return self.mapping.get(finding)

@@ -65,3 +65,22 @@ def blobs(n, size, seed=0):
         images.append(np.clip(60 + 140 * mask + rng.normal(0, 20, mask.shape), 0, 255))
         masks.append(mask)
     return np.stack(images)[..., None].astype("float32"), np.stack(masks)
+
+
+def tiny_ma_net(num_classes=2, num_maps=4, with_attention=False, size=32, synchronized=False):
+    """MA-Net's head (the paper's attention generator, attention pooling and classifier: the same code as
+    ``build_magsd``) on a 3-stage conv encoder instead of ResNet50. ``synchronized``: BN over the global batch."""
+    import keras
+
+    from covidx.layers.normalization import ImageNormalization
+    from covidx.models import magsd
+
+    inputs = keras.Input((size, size, 1), name="image")
+    x = ImageNormalization("zscore", name="normalize")(inputs)
+    feats = []
+    for i, width in enumerate((8, 16, 32)):
+        x = keras.layers.Conv2D(width, 3, strides=2, padding="same", use_bias=False, name=f"stage{i}_conv")(x)
+        x = keras.layers.BatchNormalization(synchronized=synchronized, name=f"stage{i}_bn")(x)
+        x = keras.layers.ReLU(name=f"stage{i}_relu")(x)
+        feats.append(x)
+    return magsd.assemble_ma_net(inputs, feats[::-1], num_classes, num_maps, with_attention=with_attention, name="tiny")

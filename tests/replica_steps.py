@@ -22,11 +22,12 @@ import keras  # noqa: E402
 
 from covidx.layers.moex import MomentExchange  # noqa: E402
 from covidx.layers.normalization import ImageNormalization  # noqa: E402
-from covidx.models import magsd  # noqa: E402
+from covidx.precision import precision_scope  # noqa: E402
 from covidx.training.distribute import synchronize_batchnorm  # noqa: E402
 from covidx.training.magsd import MagSDTrainer  # noqa: E402
 from covidx.training.moex import MoExTrainer, RegionalLearningTrainer  # noqa: E402
 from covidx.training.trainers import Trainer  # noqa: E402
+from tests import helpers  # noqa: E402
 
 SIZE, CLASSES, GLOBAL_BATCH = 32, 3, 8
 
@@ -50,15 +51,7 @@ def small_cnn(moex: bool):
 
 
 def tiny_ma_net():
-    """MA-Net head (the paper's attention generator, pooling and classifier) on a 3-stage conv encoder."""
-    inputs = keras.Input((SIZE, SIZE, 1), name="image")
-    x = ImageNormalization("zscore", name="normalize")(inputs)
-    feats = []
-    for i, width in enumerate((8, 16, 32)):
-        x = keras.layers.Conv2D(width, 3, strides=2, padding="same", use_bias=False, name=f"stage{i}_conv")(x)
-        x = keras.layers.ReLU()(bn(f"stage{i}_bn")(x))
-        feats.append(x)
-    net = magsd.assemble_ma_net(inputs, feats[::-1], CLASSES, num_maps=4, name="tiny")
+    net = helpers.tiny_ma_net(num_classes=CLASSES, synchronized=True)
     assert synchronize_batchnorm(net) > 3  # the encoder's 3 (already) and the attention generator's
     return net
 
@@ -70,7 +63,10 @@ CASES = {
     # Regional Learning + MoEx is left out: each replica stacks [X_O; X_T] of its own samples, so the global
     # permutation indexes a different (equally uniform) layout than one device's [X_O of all; X_T of all].
     "magsd": (tiny_ma_net, MagSDTrainer, {"seed": 5}),
+    # The standard step under --precision bf16 (mixed_bfloat16: bf16 compute, float32 variables and all-reduce).
+    "standard-bf16": (lambda: small_cnn(False), Trainer, {}),
 }
+PRECISION = {"standard-bf16": "bf16"}
 
 
 def data():
@@ -104,10 +100,11 @@ def main(cases):
     one_replica, two_replicas = tf.distribute.MirroredStrategy(["/cpu:0"]), tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     results = {}
     for case in cases:
-        keras.utils.set_random_seed(0)
-        initial = CASES[case][0]().get_weights()
-        one, w1 = one_step(case, one_replica, initial)
-        two, w2 = one_step(case, two_replicas, initial)
+        with precision_scope(PRECISION.get(case, "fp32")):
+            keras.utils.set_random_seed(0)
+            initial = CASES[case][0]().get_weights()
+            one, w1 = one_step(case, one_replica, initial)
+            two, w2 = one_step(case, two_replicas, initial)
         results[case] = {
             "one": one, "two": two,
             "weight_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(w1, w2)),

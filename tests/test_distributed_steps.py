@@ -28,11 +28,14 @@ def results():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["standard", "moex", "regional", "magsd"])
+@pytest.mark.parametrize("case", ["standard", "moex", "regional", "magsd", "standard-bf16"])
 def test_two_replicas_take_the_same_step_as_one(results, case):
     res = results[case]
     assert res["weight_change"] > 1e-3  # the step moved the weights, so equal weights mean something
-    # Float reduction order differs between 1 and 2 replicas: 1e-4 of the step (seen 3e-5 for MAG-SD's four passes).
-    assert res["weight_diff"] < 1e-4 * max(1.0, res["weight_change"]) + 1e-6, res
+    # Float reduction order differs between 1 and 2 replicas: 1e-3 of the step (seen 1.1e-4 for MAG-SD's four
+    # passes; a wrong loss scale would be 0.5 of it); bfloat16 keeps 8 significant bits: 1 % of the step.
+    tolerance = 1e-2 if case.endswith("bf16") else 1e-3
+    assert res["weight_diff"] < tolerance * max(1.0, res["weight_change"]) + 1e-6, res
     for key in ("loss", "accuracy"):
-        np.testing.assert_allclose(res["two"][key], res["one"][key], rtol=1e-5, err_msg=key)
+        np.testing.assert_allclose(res["two"][key], res["one"][key], rtol=1e-5 if tolerance < 1e-2 else 1e-3,
+                                   err_msg=key)

@@ -14,23 +14,11 @@ import keras
 import numpy as np
 import pytest
 
-from covidx.layers import ImageNormalization
-from covidx.models import magsd, resnet
+from covidx.models import resnet
 from covidx.training.trainers import get_trainer, resolve_jit_compile
+from tests.helpers import tiny_ma_net
 
 TINY_RESNET = dict(blocks=(1, 1, 1, 1), base_width=8)
-
-
-def tiny_ma_net(num_classes=2, num_maps=4, size=32):
-    inputs = keras.Input((size, size, 1), name="image")
-    x = ImageNormalization("zscore", name="normalize")(inputs)
-    feats = []
-    for i, width in enumerate((8, 16, 32)):
-        x = keras.layers.Conv2D(width, 3, strides=2, padding="same", use_bias=False, name=f"stage{i}_conv")(x)
-        x = keras.layers.BatchNormalization(name=f"stage{i}_bn")(x)
-        x = keras.layers.ReLU(name=f"stage{i}_relu")(x)
-        feats.append(x)
-    return magsd.assemble_ma_net(inputs, feats[::-1], num_classes, num_maps, name="tiny")
 
 
 def build(kind):

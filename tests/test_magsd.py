@@ -13,6 +13,7 @@ from covidx.models.registry import create_model, get_spec
 from covidx.explain import localization as L
 from covidx.training import magsd as T
 from covidx.training.trainers import get_trainer
+from tests.helpers import tiny_ma_net
 
 SIZE = 64
 # A single bright 2x2 square in an 8x8 attention map: cells rows 2-3, cols 4-5, i.e. pixels
@@ -105,21 +106,8 @@ def test_preset_imagenet_weights_and_save_reload(tmp_path):
 # ----------------------------------------------------------------------------- a reduced MA-Net
 
 
-def _tiny_ma_net(num_classes=2, num_maps=4, with_attention=False, size=32):
-    """MA-Net head on a 3-stage conv encoder (the same head as build_magsd, a much smaller encoder)."""
-    inputs = keras.Input((size, size, 1), name="image")
-    x = ImageNormalization("zscore", name="normalize")(inputs)
-    feats = []
-    for i, width in enumerate((8, 16, 32)):
-        x = keras.layers.Conv2D(width, 3, strides=2, padding="same", use_bias=False, name=f"stage{i}_conv")(x)
-        x = keras.layers.BatchNormalization(name=f"stage{i}_bn")(x)
-        x = keras.layers.ReLU(name=f"stage{i}_relu")(x)
-        feats.append(x)
-    return magsd.assemble_ma_net(inputs, feats[::-1], num_classes, num_maps, with_attention=with_attention, name="tiny")
-
-
 def test_with_attention_outputs_and_reload(tmp_path):
-    net = _tiny_ma_net(with_attention=True)
+    net = tiny_ma_net(with_attention=True)
     x = _images(3)[:, :32, :32]
     out = net(x)
     assert set(out) == {"predictions", "attention_maps"} and out["attention_maps"].shape == (3, 4, 4, 4)
@@ -139,7 +127,7 @@ def test_trainer_lowers_loss_on_synthetic_data():
         r = 4 if c == 0 else 20
         x[i, r : r + 8, r : r + 8] += 180
     y = keras.utils.to_categorical(labels, 2)
-    trainer = T.MagSDTrainer(_tiny_ma_net(), seed=3)
+    trainer = T.MagSDTrainer(tiny_ma_net(), seed=3)
     trainer.compile(optimizer=keras.optimizers.Adam(3e-3), metrics=["accuracy"])
     history = trainer.fit(x, y, batch_size=8, epochs=8, verbose=0, shuffle=False).history["loss"]
     assert np.mean(history[-2:]) < 0.6 * np.mean(history[:2]), history
@@ -149,7 +137,7 @@ def test_trainer_lowers_loss_on_synthetic_data():
 
 
 def test_trainer_flags():
-    net = _tiny_ma_net()
+    net = tiny_ma_net()
     x = _images(4)[:, :32, :32]
     y = keras.utils.to_categorical([0, 1, 0, 1], 2)
     plain = T.MagSDTrainer(net, augmentations=0)

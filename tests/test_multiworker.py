@@ -1,42 +1,38 @@
 """``python -m covidx.train --strategy multiworker`` run by two real worker processes on loopback ports.
 
-Both workers get their own ``TF_CONFIG`` (free ports picked here) and train a small BN-free,
+Both workers get their own ``TF_CONFIG`` (one local cluster on free ports, ``distribute.local_cluster``) and train a small BN-free,
 dropout-free VGG19 copy on generated data, unshuffled and unaugmented, so the run can be compared
 step for step with one process training on the same global batch.
 """
 
 import json
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from covidx.data.synthetic import write_dataset
+from covidx.training.distribute import local_cluster, task_of, tf_config
 
 ARGS = ["--model", "vgg19-gap", "--model-arg", "width=0.0625", "--image-size", "32", "--epochs", "2",
         "--batch-size", "8", "--steps-per-epoch", "2", "--optimizer", "sgd", "--lr", "0.05", "--schedule", "constant",
         "--augment", "none", "--clahe-prob", "0", "--no-shuffle", "--verbose", "2"]
 
 
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+def worker_envs(tmp, workers=2):
+    """One environment per worker process: the same local cluster, this worker's index, a private TMPDIR."""
+    return [{**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TMPDIR": str(tmp), "TF_CONFIG": config}
+            for config in local_cluster(workers)]
 
 
-def worker_env(tmp, ports, index):
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TMPDIR": str(tmp),
-            "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+def test_local_cluster_gives_every_worker_the_same_cluster():
+    configs = local_cluster(3)
+    clusters = [tf_config({"TF_CONFIG": c})["cluster"] for c in configs]
+    assert clusters[0] == clusters[1] == clusters[2] and len(set(clusters[0]["worker"])) == 3
+    assert [task_of({"TF_CONFIG": c}) for c in configs] == [("worker", 0), ("worker", 1), ("worker", 2)]
 
 
 def launch(args, envs):
@@ -67,10 +63,9 @@ def test_two_workers_train_like_one_process_and_only_the_chief_writes(tmp_path):
     write_dataset(data, n_patients=24, size=64, seed=1)
     scratch = tmp_path / "worker-tmp"
     scratch.mkdir()
-    ports = free_ports(2)
     out = tmp_path / "multi"
     args = ["--data", str(data / "manifest.csv"), "--out", str(out), "--strategy", "multiworker", *ARGS]
-    codes, logs = launch(args, [worker_env(scratch, ports, i) for i in range(2)])
+    codes, logs = launch(args, worker_envs(scratch))
     assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
 
     # One run folder, written by the chief; worker 1 wrote nothing that outlived the run.
@@ -100,18 +95,21 @@ def test_two_workers_train_like_one_process_and_only_the_chief_writes(tmp_path):
     for a, b in zip(weights_of(run / "last.keras"), weights_of(single_run / "last.keras")):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
-    # Evaluation (and everything that loads a run) takes the multi-worker run like any other.
+    # Evaluation, export (and everything that loads a run: the cascade too) take the multi-worker run like any other.
     from covidx.runs import load_run
+    from covidx.serving.client import predict_export
+    from covidx.serving.export import export
 
     loaded = load_run(run)
     assert loaded.model.output_shape == (None, len(config["classes"]))
-    assert loaded.split_table()["split"].tolist() == pd.read_csv(single_run / "split.csv")["split"].tolist()
+    table = loaded.split_table()
+    assert table["split"].tolist() == pd.read_csv(single_run / "split.csv")["split"].tolist()
+    probs, classes = predict_export(export(run, tmp_path / "serving"), table["path"].tolist()[:3])
+    assert probs.shape == (3, len(config["classes"])) and classes == config["classes"]
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="KNOWN DEFECT (issue 18 open): the restarted two-worker job hangs in TF's collective-ops "
-                         "initialisation (both workers wait in Context.ensure_initialized); the first job trains and "
-                         "writes its backup. Remove this marker to reproduce it: pytest tests/test_multiworker.py -k killed")
 def test_killed_worker_job_restarts_and_continues_from_the_last_epoch(tmp_path):
     """BackupAndRestore across workers: worker 1 is killed after an epoch, the job is started again unchanged."""
     import time
@@ -123,12 +121,12 @@ def test_killed_worker_job_restarts_and_continues_from_the_last_epoch(tmp_path):
     out = tmp_path / "runs"
     four_epochs = list(ARGS)
     four_epochs[ARGS.index("--epochs") + 1] = "4"
+    # The quick recipe (its warm-up here: the flags set the rest) and bfloat16 under the strategy as well.
     args = ["--data", str(data / "manifest.csv"), "--out", str(out), "--strategy", "multiworker", "--run-name", "job",
-            *four_epochs]
+            *four_epochs, "--recipe", "quick", "--precision", "bf16"]
     history = out / "vgg19-gap" / "job" / "history.csv"
-    ports = free_ports(2)
-    procs = [subprocess.Popen([sys.executable, "-m", "covidx.train", *args], env=worker_env(scratch, ports, i),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "covidx.train", *args], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for env in worker_envs(scratch)]
     deadline = time.time() + 600
     while time.time() < deadline and not (history.is_file() and len(history.read_text().splitlines()) >= 2):
         assert procs[0].poll() is None, "the chief ended before finishing an epoch"
@@ -140,9 +138,13 @@ def test_killed_worker_job_restarts_and_continues_from_the_last_epoch(tmp_path):
     done = len(pd.read_csv(history))
     assert 1 <= done < 4
 
-    codes, logs = launch(args, [worker_env(scratch, free_ports(2), i) for i in range(2)])  # the same command again
+    # The same command again, on new ports (the killed job's may still be held).
+    codes, logs = launch(args, worker_envs(scratch))
     assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
     epochs = pd.read_csv(history)["epoch"].tolist()
     assert epochs[:done] == list(range(done)) and epochs[-1] == 3
     assert epochs[done] == done  # continued after the last finished epoch, not from epoch 0
     assert [p.name for p in (out / "vgg19-gap").iterdir()] == ["job"]
+    assert "resuming from epoch" in logs[0]
+    train = json.loads((out / "vgg19-gap" / "job" / "config.json").read_text())["train"]
+    assert (train["recipe"], train["precision"], train["warmup_epochs"]) == ("quick", "bf16", 1.0)

@@ -173,3 +173,14 @@ def test_composed_warp_matches_direct_flip_and_crop():
     corner = c + 2 * 0.25 + 3 * 0.25  # c = 2 (X0 - 0.25) + 3 (Y0 - 0.25) for the box corner (X0, Y0)
     assert 0 <= corner <= 2 * 24 + 3 * 24  # the box lies inside the image
     assert np.abs(out.ravel() - design @ [a, b, c]).max() <= 1.0  # linear everywhere: no padding, one interpolation
+
+
+def test_a_mask_of_another_size_than_its_image_lands_on_the_image_grid(tmp_path):
+    t = select_task(make_table(tmp_path, n=2, size=(64, 80), masks=True), "lungs")
+    small = np.zeros((32, 40), np.uint8)  # the same region at half the image's size (a mask saved downscaled)
+    small[5:15, 10:25] = 255
+    cv2.imwrite(t.loc[0, "mask_path"], small)
+    _, y, _ = next(iter(make_dataset(t, "lungs", PreprocessConfig(image_size=64, resize="stretch"),
+                                     batch_size=2)))
+    want = cv2.resize(small, (64, 64), interpolation=cv2.INTER_NEAREST_EXACT) > 127
+    np.testing.assert_array_equal(y.numpy()[0] == 1, want)

@@ -78,3 +78,14 @@ def test_summary_table_counts():
     assert lines[0].split()[:4] == ["train", "val", "test", "no"]
     total = next(line for line in lines if line.startswith("total")).split()
     assert total[-2] == str(len(t)) and total[-4] == "0"  # every row has a split
+
+
+def test_segmentation_tables_do_not_report_a_missing_background_class():
+    from covidx.tasks import get_task
+
+    lungs, stage1 = get_task("lungs"), get_task("stage1")
+    assert lungs.image_classes is None and stage1.image_classes == stage1.classes
+    t = pd.DataFrame({"path": ["a.png", "b.png"], "label": ["lung", "lung"], "patient_id": ["p1", "p2"],
+                      "source": ["s", "s"], "split": ["train", "test"]})
+    assert "absent" not in split_summary(t, lungs.image_classes)  # every image is a 'lung' image: nothing missing
+    assert "class 'background' of the task is absent" in split_summary(t, lungs.classes)  # what it said before

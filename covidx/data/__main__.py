@@ -81,8 +81,8 @@ def main(argv=None) -> int:
         print(f"lung masks: {(table['mask_path'] != '').sum()}, lesion masks: {(table['lesion_path'] != '').sum()}")
     if not args.write_split and not (table["split"] != "").all():
         print("(rows with no split of their own: covidx.train splits them by patient; --write-split shows how)")
-    print(split_summary(table.assign(label=table[label]), task.classes if task else None))
-    classes = task.classes if task else None
+    classes = task.image_classes if task else None
+    print(split_summary(table.assign(label=table[label]), classes))
     print("\nimages per class and source:")
     print(format_label_source_table(label_source_table(table, classes, label)))
     warnings = single_source_warnings(table, classes, label)

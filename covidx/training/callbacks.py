@@ -82,3 +82,38 @@ class TimeBudget(keras.callbacks.Callback):
                  "images_per_wall_s": self.steps * self.batch_size / max(wall, 1e-9)}
         if self.run_dir is not None:
             (self.run_dir / "budget.json").write_text(json.dumps(stats, indent=2))
+
+
+class ValidationGap(keras.callbacks.Callback):
+    """Say so when the validation loss is non-finite or ``ratio`` times the training loss, with the likely cause.
+
+    What it catches (a lung U-Net under the Cascade-SEME paper's Adam at eta_max 0.1 printed
+    ``val_loss: 2.65e21``): weights that jump at every step leave BatchNorm's running mean and variance
+    (an average over recent steps) describing activations the network no longer produces, so in inference
+    mode (validation) activations grow layer after layer; and because Keras computes the cross-entropy
+    of a softmax output from its logits (numerically exact, but unbounded), the validation loss grows
+    with the logits instead of stopping near -log(1e-7). The run goes on; this names the cause once and
+    the size of the gap at every epoch where it holds.
+    """
+
+    def __init__(self, ratio: float = 100.0, setting: str = ""):
+        super().__init__()
+        self.ratio, self.setting, self.said = float(ratio), setting, False
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        loss, val = logs.get("loss"), logs.get("val_loss")
+        if loss is None or val is None:
+            return
+        loss, val = float(loss), float(val)
+        if math.isfinite(val) and val <= self.ratio * max(loss, 1e-3):
+            return
+        gap = f"{val / loss:,.0f}x " if math.isfinite(val) and loss > 0 else ""
+        print(f"warning: epoch {epoch + 1}: validation loss {val:.3g} is {gap}the training loss {loss:.3g}", flush=True)
+        if not self.said:
+            self.said = True
+            print("  the network in inference mode (BatchNorm's running statistics) no longer matches what it "
+                  "computes in training, usually because the learning rate is too high for it"
+                  + (f" ({self.setting})" if self.setting else "")
+                  + ": try --recipe quick or a 10-100x smaller --lr; validation figures of this run mean little "
+                    "until the gap closes", flush=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +61,23 @@ def tf_config(environ=None) -> dict | None:
             f"\"task\": {{\"type\": \"worker\", \"index\": 0}}}} naming a task of its cluster: {e!r}"
         ) from None
     return config
+
+
+def local_cluster(workers: int, host: str = "127.0.0.1") -> list[str]:
+    """``TF_CONFIG`` values for ``workers`` processes on this machine, one per worker (free ``host`` ports).
+
+    One call gives every worker the same cluster: ports picked separately for each worker would leave
+    each process waiting, silently and for ever, for peers listening elsewhere.
+    """
+    socks = [socket.socket() for _ in range(workers)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        cluster = {"worker": [f"{host}:{s.getsockname()[1]}" for s in socks]}
+    finally:
+        for s in socks:
+            s.close()
+    return [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}) for i in range(workers)]
 
 
 def task_of(environ=None) -> tuple[str, int]:
@@ -98,7 +116,11 @@ def create_strategy(name: str = "default") -> tf.distribute.Strategy:
     elif name == "mirrored":
         strategy = tf.distribute.MirroredStrategy()
     else:
-        tf_config()  # a clear error for a malformed TF_CONFIG before TensorFlow parses it
+        config = tf_config()  # a clear error for a malformed TF_CONFIG before TensorFlow parses it
+        if config is not None:  # TF waits silently until every worker of the cluster has connected
+            kind, index = task_of()
+            print(f"multiworker: {kind} {index} of cluster {json.dumps(config['cluster'])}, waiting for every "
+                  "worker to connect", flush=True)
         try:
             strategy = tf.distribute.MultiWorkerMirroredStrategy()
         except RuntimeError as e:

@@ -36,7 +36,7 @@ from covidx.precision import POLICIES, precision_scope, resolve_precision
 from covidx.runs import CONFIG_FILE, LUNG_MASK, SPLIT_FILE, RunConfig
 from covidx.tasks import get_task
 from covidx.models.recipes import recipe_preset
-from covidx.training.callbacks import NetCheckpoint, TimeBudget
+from covidx.training.callbacks import NetCheckpoint, TimeBudget, ValidationGap
 from covidx.training.distribute import (
     WorkerBackupAndRestore,
     broadcast_text,
@@ -259,7 +259,7 @@ def _train(cfg: TrainConfig, strategy, resume, chief: bool, scratch: Path) -> Pa
         print(f"  {line}")
     if len(report.lines()) > 50:
         print(f"  ... and {len(report.lines()) - 50} more (python -m covidx.data PATH lists them all)")
-    print(split_summary(table, task.classes))
+    print(split_summary(table, task.image_classes))
     if cfg.test_source:
         test_t = table[table.split == "test"]
         print(f"external test split: every image of source {cfg.test_source!r} ({len(test_t)} images, "
@@ -358,6 +358,8 @@ def _train(cfg: TrainConfig, strategy, resume, chief: bool, scratch: Path) -> Pa
         keras.callbacks.CSVLogger(str(out_dir / "history.csv"), append=True),
         LearningCurves(out_dir, f"{cfg.model}, --recipe {cfg.recipe}{', SYNTHETIC data' if not cfg.data else ''}"),
         keras.callbacks.TensorBoard(str(out_dir / "tensorboard"), write_graph=False, profile_batch=0),
+        ValidationGap(setting=f"this run: {cfg.optimizer} at learning rate {cfg.learning_rate:g}, "
+                              f"--recipe {cfg.recipe}"),
     ]
     if cfg.time_budget:
         callbacks.insert(0, TimeBudget(cfg.time_budget, cfg.budget_clock, cfg.batch_size, out_dir))
