@@ -23,7 +23,7 @@ resnet50-train        ResNet50 train step @224, SGD momentum 0.9       torchvisi
 dpn92-train           DPN-92 train step @128, batch 16, SGD momentum   timm dpn92, same step
 magsd-train           MAG-SD iteration: 1 + 3 attention-guided         ResNet50 + attention maps + BAP,
                       forwards, 1 backward, @224, 1 channel            the same 1 + 3 forwards, 1 backward
-seme-resnet50-512-bf16  SEME-ResNet50 @512, bfloat16 (mixed policy)    ResNet50 under torch.autocast(bf16)
+seme-resnet50-512-bf16  SEME-ResNet50 @512, bfloat16 (with_precision)  ResNet50 under torch.autocast(bf16)
 ====================  ===============================================  =================================
 
 PyTorch inference runs under ``torch.inference_mode`` in both NCHW and channels-last; the faster of the
@@ -156,6 +156,7 @@ def tf_worker(args):
 
     import covidx.training  # noqa: F401  (registers the trainers)
     from covidx.models import create_model
+    from covidx.precision import with_precision
     from covidx.training.magsd import MagSDTrainer
     from covidx.training.trainers import Trainer
 
@@ -177,11 +178,9 @@ def tf_worker(args):
     def setup(row):
         keras.backend.clear_session()
         label, _, size, channels, batch, kind = ROWS[row]
-        keras.mixed_precision.set_global_policy("mixed_bfloat16" if row.endswith("-bf16") else "float32")
-        try:
-            net = create_model(COVIDX_MODEL[row], num_classes=NUM_CLASSES, image_size=size, channels=channels)
-        finally:
-            keras.mixed_precision.set_global_policy("float32")
+        net = create_model(COVIDX_MODEL[row], num_classes=NUM_CLASSES, image_size=size, channels=channels)
+        if row.endswith("-bf16"):  # what predict/evaluate/export --precision bf16 run: a float32 checkpoint converted
+            net = with_precision(net, "bf16")
         x = tf.constant(rng.uniform(0, 255, (batch, size, size, channels)).astype("float32"))
         if kind == "infer":
             fn = tf.function(lambda t: net(t, training=False), jit_compile=args.tf_jit)

@@ -3,7 +3,9 @@
 ``bf16`` and ``fp16`` are Keras mixed-precision policies (``mixed_bfloat16`` / ``mixed_float16``):
 variables stay float32, convolutions and matmuls run in the 16-bit type. Where the numbers need the
 range, covidx keeps float32 regardless of the policy: every classifier's softmax layer is built with
-``dtype="float32"``, Keras' BatchNormalization normalises and keeps its moving statistics in float32,
+``dtype="float32"``, Keras' BatchNormalization normalises and keeps its moving statistics in float32
+(at inference of a checkpoint converted by :func:`with_precision`, BN's per-channel affine alone runs in
+the 16-bit type, with scale and shift computed in float32),
 the losses cast to float32 (:mod:`covidx.training.moex`, :mod:`covidx.training.magsd`), and model
 inputs are float32 ``keras.Input`` tensors, so a bf16 network (and its SavedModel export) still takes
 and returns float32.
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import keras
 import tensorflow as tf
+
+from covidx.layers.normalization import LowPrecisionBatchNormalization
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -75,11 +79,17 @@ def precision_scope(precision: str | None):
         keras.mixed_precision.set_global_policy(previous)
 
 
+_LOW_PRECISION_BN = {k: v for k, v in keras.saving.serialize_keras_object(LowPrecisionBatchNormalization()).items()
+                     if k in ("module", "class_name", "registered_name")}
+
+
 def with_precision(model: keras.Model, precision: str | None) -> keras.Model:
     """A copy of ``model`` computing in ``precision`` (same weights), e.g. a float32 checkpoint run in bf16.
 
     Layers whose own policy is float32 take the new policy, except the model's output layers, which
-    stay float32 (softmax and outputs in float32). Returns ``model`` itself for ``fp32``.
+    stay float32 (softmax and outputs in float32); their BatchNormalization layers become
+    :class:`~covidx.layers.normalization.LowPrecisionBatchNormalization` (the same weights; the inference
+    affine in the new dtype instead of a float32 round trip per layer). Returns ``model`` itself for ``fp32``.
     """
     resolved = resolve_precision(precision)
     if resolved == "fp32":
@@ -92,6 +102,8 @@ def with_precision(model: keras.Model, precision: str | None) -> keras.Model:
         dtype = layer["config"].get("dtype")
         if isinstance(dtype, dict) and dtype.get("config", {}).get("name") == "float32":
             dtype["config"]["name"] = POLICIES[resolved]
+            if layer.get("class_name") == "BatchNormalization":  # inference affine in bf16/fp16, not float32
+                layer.update(_LOW_PRECISION_BN)
     copy = model.__class__.from_config(config)
     copy.set_weights(model.get_weights())
     return copy

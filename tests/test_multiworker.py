@@ -119,12 +119,14 @@ def test_killed_worker_job_restarts_and_continues_from_the_last_epoch(tmp_path):
     scratch = tmp_path / "worker-tmp"
     scratch.mkdir()
     out = tmp_path / "runs"
-    four_epochs = list(ARGS)
-    four_epochs[ARGS.index("--epochs") + 1] = "4"
-    # The quick recipe (its warm-up here: the flags set the rest) and bfloat16 under the strategy as well.
+    # A reduced SEME-ResNet50 with its preset MoEx train step (partners drawn over the global batch: the gather
+    # across worker processes), the quick recipe (its warm-up here: the flags set the rest) and bfloat16.
+    model = ["--model", "seme-resnet50", "--model-arg", "blocks=[1,1,1,1]", "--model-arg", "base_width=8"]
+    four_epochs = ARGS[ARGS.index("--image-size"):]
+    four_epochs[four_epochs.index("--epochs") + 1] = "4"
     args = ["--data", str(data / "manifest.csv"), "--out", str(out), "--strategy", "multiworker", "--run-name", "job",
-            *four_epochs, "--recipe", "quick", "--precision", "bf16"]
-    history = out / "vgg19-gap" / "job" / "history.csv"
+            *model, *four_epochs, "--recipe", "quick", "--precision", "bf16"]
+    history = out / "seme-resnet50" / "job" / "history.csv"
     procs = [subprocess.Popen([sys.executable, "-m", "covidx.train", *args], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for env in worker_envs(scratch)]
     deadline = time.time() + 600
@@ -144,7 +146,9 @@ def test_killed_worker_job_restarts_and_continues_from_the_last_epoch(tmp_path):
     epochs = pd.read_csv(history)["epoch"].tolist()
     assert epochs[:done] == list(range(done)) and epochs[-1] == 3
     assert epochs[done] == done  # continued after the last finished epoch, not from epoch 0
-    assert [p.name for p in (out / "vgg19-gap").iterdir()] == ["job"]
+    assert [p.name for p in (out / "seme-resnet50").iterdir()] == ["job"]
     assert "resuming from epoch" in logs[0]
-    train = json.loads((out / "vgg19-gap" / "job" / "config.json").read_text())["train"]
+    config = json.loads((out / "seme-resnet50" / "job" / "config.json").read_text())
+    train = config["train"]
     assert (train["recipe"], train["precision"], train["warmup_epochs"]) == ("quick", "bf16", 1.0)
+    assert config["trainer"] == "moex" and pd.read_csv(history)["loss"].notna().all()

@@ -62,6 +62,47 @@ def test_with_precision_keeps_weights_and_float32_outputs():
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
+def test_low_precision_batchnorm_is_batchnorm_with_its_inference_affine_in_bf16(tmp_path):
+    from covidx.layers import LowPrecisionBatchNormalization
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, (4, 5, 5, 6)).astype("float32")
+    ref = keras.layers.BatchNormalization(epsilon=1e-3)
+    ref.build(x.shape)
+    ref.set_weights([rng.uniform(0.5, 2, 6), rng.normal(0, 1, 6), rng.normal(3, 1, 6), rng.uniform(1, 5, 6)])
+    gamma, beta, mean, var = ref.get_weights()
+    want = (x - mean) / np.sqrt(var + 1e-3) * gamma + beta  # NumPy, float64
+    with precision_scope("bf16"):
+        low = LowPrecisionBatchNormalization(epsilon=1e-3)
+        low.build(x.shape)
+    low.set_weights(ref.get_weights())
+    y = low(tf.cast(x, "bfloat16"), training=False)
+    assert y.dtype == tf.bfloat16  # no float32 round trip at inference
+    np.testing.assert_allclose(np.asarray(tf.cast(y, "float32")), want, rtol=0.02, atol=0.05)
+    np.testing.assert_allclose(np.asarray(ref(x, training=False)), want, rtol=1e-5, atol=1e-5)
+    # Training (batch statistics) is the parent's float32 path, and so is a float32 input.
+    np.testing.assert_allclose(np.asarray(tf.cast(low(tf.cast(x, "bfloat16"), training=True), "float32")),
+                               np.asarray(ref(tf.cast(tf.cast(x, "bfloat16"), "float32"), training=True)), atol=0.05)
+    float_low = LowPrecisionBatchNormalization(epsilon=1e-3)
+    float_low.build(x.shape)
+    float_low.set_weights([gamma, beta, mean, var])  # ref's moving statistics moved in its training call
+    np.testing.assert_allclose(np.asarray(float_low(x, training=False)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_with_precision_swaps_batchnorm_and_the_copy_reloads_in_safe_mode(tmp_path):
+    from covidx.layers import LowPrecisionBatchNormalization
+
+    keras.utils.set_random_seed(0)
+    net = small_net()
+    bf16 = with_precision(net, "bf16")
+    assert isinstance(bf16.get_layer("bn"), LowPrecisionBatchNormalization)
+    assert type(net.get_layer("bn")) is keras.layers.BatchNormalization  # the original is untouched
+    bf16.save(tmp_path / "bf16.keras")
+    again = keras.models.load_model(tmp_path / "bf16.keras", safe_mode=True)
+    x = np.random.default_rng(0).uniform(0, 1, (4, 16, 16, 1)).astype("float32")
+    np.testing.assert_array_equal(np.asarray(again(x)), np.asarray(bf16(x)))
+
+
 @pytest.mark.slow
 def test_bf16_trains_saves_reloads_and_exports_float32(tmp_path):
     data = tmp_path / "data"

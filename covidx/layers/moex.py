@@ -34,12 +34,20 @@ def replica_context():
 def gather_replicas(x):
     """The global batch: ``x`` of every replica concatenated on axis 0 in replica order (``x`` on one replica).
 
-    Differentiable (``ReplicaContext.all_gather``; the gradient goes back to the replica that owns each row).
+    A sum all-reduce of each replica's rows placed at its own offset (zeros elsewhere: exact), because
+    ``ReplicaContext.all_gather`` fails under ``MultiWorkerMirroredStrategy`` ("destinations can not be
+    empty", TensorFlow 2.21). Differentiable: the all-reduce's gradient is the all-reduce of the
+    gradients, so each replica receives what every replica's loss owes its rows. Every replica must hold
+    the same number of rows (training batches are ``drop_remainder``).
     """
     ctx = tf.distribute.get_replica_context()
     if ctx is None or ctx.num_replicas_in_sync == 1:
         return x
-    return ctx.all_gather(x, axis=0)
+    replicas, index = ctx.num_replicas_in_sync, tf.cast(ctx.replica_id_in_sync_group, tf.int32)
+    rows = tf.shape(x)[0]
+    before, after = index * rows, (replicas - 1 - index) * rows
+    paddings = tf.concat([[[before, after]], tf.zeros([x.shape.rank - 1, 2], tf.int32)], axis=0)
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.pad(x, paddings))
 
 
 class StepSeeds:

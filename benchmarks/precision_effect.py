@@ -1,0 +1,64 @@
+"""What ``--precision bf16`` (or fp16) does to a trained run's predictions, against its float32 predictions.
+
+The same checkpoint is loaded twice (:func:`covidx.runs.load_run` with ``precision="fp32"`` and with the
+precision asked for) and run over one split of its ``split.csv`` through its own evaluation preprocessing.
+Printed: macro AUC (one-vs-rest) and accuracy under each precision, the AUC change, the share of images whose
+predicted class changes (argmax flips), the largest probability difference, and images/s of each.
+
+Usage::
+
+    python benchmarks/precision_effect.py RUN_DIR [--split val] [--precision bf16] [--batch-size 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+
+from covidx.precision import cpu_flags  # noqa: E402
+from covidx.runs import load_run, predict_table  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run")
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp16"))
+    ap.add_argument("--batch-size", type=int, default=32)
+    args = ap.parse_args(argv)
+
+    results = {}
+    for precision in ("fp32", args.precision):
+        run = load_run(args.run, precision=precision)
+        table = run.split_table()
+        table = table[table["split"] == args.split].reset_index(drop=True)
+        predict_table(run, table.head(args.batch_size), args.batch_size)  # trace before timing
+        t0 = time.perf_counter()
+        probs, targets = predict_table(run, table, args.batch_size)
+        results[precision] = (np.asarray(probs, np.float64), len(table) / (time.perf_counter() - t0))
+    y = np.asarray(targets).argmax(1)
+    p32, plow = results["fp32"][0], results[args.precision][0]
+    auc = {k: roc_auc_score(y, p, multi_class="ovr", average="macro") for k, (p, _) in results.items()}
+    acc = {k: float((p.argmax(1) == y).mean()) for k, (p, _) in results.items()}
+    flips = int((p32.argmax(1) != plow.argmax(1)).sum())
+    units = ", ".join(f for f in ("avx512_bf16", "amx_bf16") if f in cpu_flags()) or "no bf16 units"
+    print(f"{args.run}: {len(y)} {args.split!r} images, classes {run.class_names} ({units})")
+    for k in results:
+        print(f"  {k:<5} macro AUC {auc[k]:.4f}  accuracy {acc[k]:.4f}  {results[k][1]:.1f} img/s")
+    print(f"  AUC change {auc[args.precision] - auc['fp32']:+.4f}; argmax flips {flips} of {len(y)} "
+          f"({100 * flips / len(y):.2f} %); largest probability difference {np.abs(p32 - plow).max():.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
