@@ -1,8 +1,10 @@
 """``python -m covidx.train --strategy multiworker`` run by two real worker processes on loopback ports.
 
-Both workers get their own ``TF_CONFIG`` (one local cluster on free ports, ``distribute.local_cluster``) and train a small BN-free,
-dropout-free VGG19 copy on generated data, unshuffled and unaugmented, so the run can be compared
-step for step with one process training on the same global batch.
+Both workers get their own ``TF_CONFIG`` (one local cluster on free ports, ``distribute.local_cluster``).
+The first test trains a small BN-free, dropout-free VGG19 copy on generated data, unshuffled and
+unaugmented, so the run can be compared step for step with one process training on the same global
+batch; the second kills a worker of a reduced SEME-ResNet50 job (MoEx step, quick recipe, bf16) and
+restarts it.
 """
 
 import json

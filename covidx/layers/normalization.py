@@ -86,8 +86,7 @@ class LowPrecisionBatchNormalization(keras.layers.BatchNormalization):
     moments of low-precision activations lose the mean or overflow), but at inference BN is one
     per-channel affine ``x * scale + shift``: here ``scale = gamma / sqrt(var + eps)`` and
     ``shift = beta - mean * scale`` are computed in float32 and applied in the input's dtype, as PyTorch's
-    autocast does, so no float32 copy of every feature map is made (in ResNet50 at 512 px, the largest
-    share of the bf16 inference time after the convolutions). Training, masks and float32 inputs take
+    autocast does, so no float32 copy of every feature map is made. Training, masks and float32 inputs take
     the parent's path; weights and config are the parent's (a float32 checkpoint's BN layers load as is).
     :func:`covidx.precision.with_precision` swaps it in for inference in bf16/fp16.
     """
