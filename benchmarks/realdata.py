@@ -16,7 +16,7 @@ Usage::
 
     python benchmarks/realdata.py --kermany DIR --lungs DIR [--budget-min 20] [--unet-budget-min 15]
         [--models baseline-resnet50,seme-resnet50,...] [--paper] [--epochs N]
-        [--model-arg NAME:KEY=VALUE ...] [--image-size N] [--out DIR]
+        [--model-arg NAME:KEY=VALUE ...] [--image-size N] [--batch-size N] [--precision P] [--out DIR]
 
 ``--epochs`` shortens the quick recipe so its warm-up + cosine schedule ends inside the budget
 (a budget that cuts a schedule at its peak learning rate wastes the last epochs). ``--model-arg``
@@ -43,12 +43,13 @@ CLASSIFIERS = ("baseline-resnet50", "seme-resnet50", "se-dpn92", "mag-sd", "ense
 
 
 def run_one(model: str, data: str, task: str, recipe: str, budget_s: float, out: Path, epochs: int | None,
-            image_size: int | None, model_kwargs: dict, seed: int, steps_per_epoch: int | None = None) -> dict:
+            image_size: int | None, model_kwargs: dict, seed: int, steps_per_epoch: int | None = None,
+            precision: str | None = None, batch_size: int | None = None) -> dict:
     cfg = TrainConfig(
         model=model, data=[data], task=task, recipe=recipe, epochs=epochs, image_size=image_size,
         val_fraction=0.15, test_fraction=0.0, respect_source_split=False, seed=seed, out=str(out),
         time_budget=budget_s, budget_clock="cpu", model_kwargs=model_kwargs, verbose=2, verify=False,
-        report_splits=["val"], steps_per_epoch=steps_per_epoch,
+        report_splits=["val"], steps_per_epoch=steps_per_epoch, precision=precision, batch_size=batch_size,
     )
     t0 = time.perf_counter()
     run_dir = train(cfg)
@@ -59,6 +60,7 @@ def run_one(model: str, data: str, task: str, recipe: str, budget_s: float, out:
     epochs_done = sum(1 for _ in open(run_dir / "history.csv")) - 1
     saved = json.loads((run_dir / "config.json").read_text())
     return dict(model=model, recipe=recipe, run=str(run_dir), budget=budget, val=val, total_wall_s=total_wall,
+                precision=saved["train"]["precision"], batch_size=saved["train"]["batch_size"],
                 epochs_done=epochs_done, image_size=saved["preprocess"]["image_size"], model_kwargs=model_kwargs,
                 parameters=saved["parameters"])
 
@@ -74,7 +76,8 @@ def fmt(r: dict) -> str:
     else:
         fig = "no validation figure"
     reduced = f" reduced: {r['model_kwargs']}" if r["model_kwargs"] else ""
-    return (f"{r['model']:<20} {r['recipe']:<6} {r['image_size']:>4}px {fig:<52} cpu {b['cpu_s']:6.0f}s "
+    return (f"{r['model']:<20} {r['recipe']:<6} {r['image_size']:>4}px b{r.get('batch_size')} {r.get('precision')} "
+            f"{fig:<52} cpu {b['cpu_s']:6.0f}s "
             f"wall {b['wall_s']:6.0f}s (+{r['total_wall_s'] - b['wall_s']:.0f}s setup/eval) "
             f"{b['images_per_wall_s']:5.1f} img/s  {r['epochs_done']} ep{' (budget hit)' if b['exhausted'] else ''}"
             f"{reduced}")
@@ -94,6 +97,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps-per-epoch", type=int, help="short epochs (classifiers): the schedule and validation "
                                                          "fit a small budget; validation then uses that many batches")
     ap.add_argument("--image-size", type=int, help="override the recipes' input size")
+    ap.add_argument("--batch-size", type=int, help="override the quick recipe's batch size (classifiers)")
+    ap.add_argument("--precision", help="fp32 | bf16 | fp16 | auto for every run (default: the run's own, fp32)")
     ap.add_argument("--unet-image-size", type=int)
     ap.add_argument("--model-arg", action="append", default=[], metavar="MODEL:KEY=VALUE")
     ap.add_argument("--seed", type=int, default=0)
@@ -116,7 +121,8 @@ def main(argv=None) -> int:
         for recipe in ("quick", "paper") if args.paper else ("quick",):
             r = run_one(model, data, task, recipe, minutes * 60 * args.cores, out,
                         epochs if recipe == "quick" else None, size if recipe == "quick" else None,
-                        kwargs.get(model, {}), args.seed, args.steps_per_epoch if task != "lungs" else None)
+                        kwargs.get(model, {}), args.seed, args.steps_per_epoch if task != "lungs" else None,
+                        args.precision, args.batch_size if recipe == "quick" and task != "lungs" else None)
             results.append(r)
             print("RESULT " + fmt(r), flush=True)
             with open(out / "results.jsonl", "a") as f:

@@ -24,6 +24,8 @@ def test_full_size_parameter_count_branches_and_freezing():
     assert {b: model.get_layer(n).output.shape[1:3] for b, n in E.ENSEMBLE_GRADCAM_LAYERS.items()} == {
         "vgg19": (14, 14), "densenet121": (7, 7), "efficientnetb0": (7, 7)}
     assert model.output.shape[-1] == 3
+    # From scratch, BN statistics follow training (0.9); keras.applications' 0.99 stays with loaded weights.
+    assert {l.momentum for l in model.layers if isinstance(l, keras.layers.BatchNormalization)} == {0.9}
 
     # freeze=0.5: the first floor(n/2) layers of each backbone, counted independently here.
     report = E.freeze_backbones(model, 0.5)
@@ -79,6 +81,7 @@ def test_weight_files_round_trip_and_missing_file(tmp_path, monkeypatch):
     model = E.build_ensemble(3, (size, size, 3), weights="imagenet", backbones=("densenet121",))
     np.testing.assert_allclose(branch_output(model), reference, rtol=1e-5, atol=1e-5)
     assert sum(not l.trainable for l in model.layers) > 0  # freeze="auto" -> half frozen with pretrained weights
+    assert {l.momentum for l in model.layers if isinstance(l, keras.layers.BatchNormalization)} == {0.99}
 
     # CheXNet-style file: DenseNet121 followed by a 14-class head; the head is left out.
     chexnet.save(tmp_path / "chexnet.h5")

@@ -227,6 +227,22 @@ def test_batch_equals_one_image_at_a_time_and_predicted_class_default():
     np.testing.assert_allclose(cam(images[0, ..., 0])[0], batch.heatmaps[0], atol=1e-5)  # (H, W) input
 
 
+def test_batch_after_batch_traces_the_model_once():
+    # Tracing is what costs (tens of seconds for the ensemble): explaining a table batch by batch, through new
+    # GradCAM objects or gradcam_for_layers calls, must reuse one compiled gradient step per model and layers.
+    model = small_cnn()
+    images = np.random.default_rng(4).uniform(0, 255, (4, 24, 24, 1)).astype("float32")
+    first = gc.GradCAM(model).explain(images[:2])
+    step = gc._gradient_step(gc._runner_for(model, [_layer(model, "conv2")]))
+    for batch in (images[2:], images[:2]):
+        again = gc.GradCAM(model).explain(batch)
+        gc.gradcam_for_layers(model, batch, ["conv2"])
+    np.testing.assert_allclose(again.heatmaps, first.heatmaps, atol=1e-6)
+    assert step.experimental_get_tracing_count() == 1
+    other = small_cnn()  # another model gets its own step
+    assert gc._runner_for(other, [_layer(other, "conv2")]) is not gc._runner_for(model, [_layer(model, "conv2")])
+
+
 def test_probability_score_when_head_is_not_softmax():
     inp = keras.Input((24, 24, 1))
     x = keras.layers.Conv2D(3, 3, activation="relu", name="conv")(inp)

@@ -359,7 +359,8 @@ def test_train_uses_exactly_the_written_split(tmp_path):
     # Change the file by hand: training must follow the file, not recompute a split.
     written.loc[0, "split"] = "test" if written.loc[0, "split"] != "test" else "val"
     written.to_csv(file, index=False)
-    r = subprocess.run([sys.executable, "-m", "covidx.train", "--split", str(file), "--image-size", "32", "--epochs",
+    r = subprocess.run([sys.executable, "-m", "covidx.train", "--model", "baseline-smallcnn", "--split", str(file),
+                        "--image-size", "32", "--epochs",
                         "1", "--batch-size", "8", "--steps-per-epoch", "2", "--out", str(tmp_path / "runs"),
                         "--verbose", "0"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

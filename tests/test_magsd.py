@@ -56,6 +56,9 @@ def test_full_size_ma_net_parameters_and_shapes():
     # + BN moving statistics: ResNet50 53,120 and attention BN 2 x 2 x 32
     assert net.count_params() == trainable + 53_120 + 128 == 23_942_144
     assert not net.get_layer("predictions").use_bias
+    # The official code's PyTorch BN momentum 0.1 everywhere, the attention branches' BN included.
+    norms = [l for l in net._flatten_layers(include_self=False) if isinstance(l, keras.layers.BatchNormalization)]
+    assert len(norms) == 53 + 2 and {l.momentum for l in norms} == {0.9}
 
     # ablation: 3 scales (+ layer2 branch 512*32 + BN 4*32) and GAP pooling (2048*4 + 4 bias head)
     ablation = magsd.build_magsd(scales=3, pooling="gap")

@@ -152,5 +152,5 @@ def test_killed_worker_job_restarts_and_continues_from_the_last_epoch(tmp_path):
     assert "resuming from epoch" in logs[0]
     config = json.loads((out / "seme-resnet50" / "job" / "config.json").read_text())
     train = config["train"]
-    assert (train["recipe"], train["precision"], train["warmup_epochs"]) == ("quick", "bf16", 1.0)
+    assert (train["recipe"], train["precision"], train["warmup_epochs"]) == ("quick", "bf16", 0.3)
     assert config["trainer"] == "moex" and pd.read_csv(history)["loss"].notna().all()

@@ -107,7 +107,8 @@ def test_with_precision_swaps_batchnorm_and_the_copy_reloads_in_safe_mode(tmp_pa
 def test_bf16_trains_saves_reloads_and_exports_float32(tmp_path):
     data = tmp_path / "data"
     write_dataset(data, n_patients=16, size=48, seed=2)
-    r = subprocess.run([sys.executable, "-m", "covidx.train", "--data", str(data / "kermany"), "--image-size", "32",
+    r = subprocess.run([sys.executable, "-m", "covidx.train", "--model", "baseline-smallcnn", "--data",
+                        str(data / "kermany"), "--image-size", "32",
                         "--epochs", "1", "--batch-size", "8", "--precision", "bf16", "--no-jit-compile",
                         "--out", str(tmp_path / "runs"), "--verbose", "0"], capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -13,22 +13,23 @@ TRAINABLE = [n for n in list_models() if get_spec(n).kind != "cascade"]
 
 # What README's "Recipes" table promises, written out by hand (not read from QUICK).
 DOCUMENTED = {
-    "baseline-resnet50": dict(optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=1.0,
-                              image_size=128, epochs=8, batch_size=32),
-    "seme-resnet50": dict(optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=1.0,
-                          image_size=128, epochs=6, batch_size=32, min_learning_rate=0.0, trainer="moex",
+    "baseline-resnet50": dict(optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=0.3,
+                              image_size=128, epochs=8, batch_size=16),
+    "seme-resnet50": dict(optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=0.3,
+                          image_size=128, epochs=6, batch_size=16, min_learning_rate=0.0, trainer="moex",
                           clahe_prob=0.4, task="stage1", channels=1),
     "resnet50-base": dict(optimizer="adam", learning_rate=1e-3, image_size=128, epochs=6, trainer="standard"),
-    "seme-densenet169": dict(optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=1.0,
-                             image_size=128, epochs=8, batch_size=32, trainer="regional", task="stage2"),
-    "vgg19-gap": dict(optimizer="adam", learning_rate=3e-4, image_size=128, epochs=8, warmup_epochs=1.0),
-    "se-dpn92": dict(optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=1.0,
-                     image_size=128, epochs=5, batch_size=32, resize="crop", augment="se-dpn"),
-    "mag-sd": dict(optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=1.0, image_size=128,
-                   epochs=6, weight_decay=0.0, augment="light", trainer="magsd", clahe_prob=1.0,
+    "seme-densenet169": dict(optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=0.3,
+                             image_size=128, epochs=8, batch_size=16, trainer="regional", task="stage2"),
+    "vgg19-gap": dict(optimizer="adam", learning_rate=3e-4, image_size=128, epochs=8, warmup_epochs=0.3,
+                      batch_size=16),
+    "se-dpn92": dict(optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=0.3,
+                     image_size=128, epochs=5, batch_size=16, resize="crop", augment="se-dpn"),
+    "mag-sd": dict(optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=0.3, image_size=128,
+                   epochs=6, batch_size=16, weight_decay=0.0, augment="light", trainer="magsd", clahe_prob=1.0,
                    clahe_inference=True),
-    "ensemble": dict(optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=1.0, image_size=128,
-                     epochs=5, batch_size=32, task="3class", class_weights=True),
+    "ensemble": dict(optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=0.3, image_size=128,
+                     epochs=5, batch_size=16, task="3class", class_weights=True),
     "lung-unet": dict(optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=1.0,
                       image_size=256, epochs=15, batch_size=8, min_learning_rate=0.0, task="lungs"),
     "fc-densenet103": dict(optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=1.0,
@@ -47,7 +48,9 @@ def test_every_trainable_family_has_a_quick_recipe(name):
     quick, paper = recipe_preset(name, "quick"), get_spec(name).preset
     changed = {k for k, v in quick.to_dict().items() if v != paper.to_dict()[k]}
     assert changed <= set(QUICK[family(name)])  # only the documented fields change
-    assert quick.warmup_epochs == 1.0 and quick.epochs < paper.epochs and quick.image_size <= 256
+    assert quick.warmup_epochs > 0 and quick.epochs < paper.epochs and quick.image_size <= 256
+    if get_spec(name).kind == "classifier" and family(name) != "smallcnn":
+        assert (quick.batch_size, quick.warmup_epochs) == (16, 0.3)  # README: BATCH, WARMUP
     # Never changed: what the model is and how it learns (task, train step, normalisation, CLAHE, class weights).
     for k in ("task", "trainer", "normalization", "channels", "clahe_prob", "clahe_inference", "class_weights",
               "weights", "resize"):
@@ -88,12 +91,12 @@ def test_recipe_table_lists_every_family():
 
 def test_warm_up_then_cosine_matches_a_numpy_schedule():
     cfg, _, _ = resolve(TrainConfig(model="baseline-resnet50", recipe="quick", epochs=3))
-    steps = 10  # per epoch: 10 warm-up steps, then cosine over 20
+    steps = 10  # per epoch: 0.3 epoch = 3 warm-up steps, then cosine over 27
     sched = build_optimizer(cfg, steps)._learning_rate  # the schedule object the optimiser steps through
     got = np.array([float(sched(s)) for s in range(30)])
     peak = 1e-3
-    want = np.concatenate([peak * (np.arange(10) + 1) / 10,
-                           peak * 0.5 * (1 + np.cos(np.pi * np.arange(20) / 20))])
+    want = np.concatenate([peak * (np.arange(3) + 1) / 3,
+                           peak * 0.5 * (1 + np.cos(np.pi * np.arange(27) / 27))])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
 
 
@@ -104,3 +107,10 @@ def test_warm_up_round_trips_through_keras_serialization():
         assert float(back(s)) == pytest.approx(float(sched(s)))
     assert float(WarmUp(0.01, 4)(1)) == pytest.approx(0.005)
     assert float(WarmUp(0.01, 4)(9)) == pytest.approx(0.01)
+
+
+def test_readme_carries_the_current_recipe_table():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert recipe_table() in readme  # regenerate README's table from covidx.models.recipes.recipe_table()

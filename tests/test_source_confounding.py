@@ -123,7 +123,8 @@ def _cli(module, *args):
 def test_train_test_source_is_an_external_validation(tmp_path):
     root = write_multisource_dataset(tmp_path / "data", n_patients=32, size=32, mode="balanced", seed=1,
                                      images_per_patient=(1, 2))
-    r = _cli("covidx.train", "--data", root / "manifest.csv", "--test-source", B, "--image-size", 32,
+    r = _cli("covidx.train", "--model", "baseline-smallcnn", "--data", root / "manifest.csv", "--test-source", B,
+             "--image-size", 32,
              "--epochs", 1, "--batch-size", 8, "--out", tmp_path / "runs", "--verbose", 0)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"external test split: every image of source '{B}'" in r.stdout

@@ -46,6 +46,7 @@ Implementation notes
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -372,6 +373,25 @@ def _requested_classes(class_index, n: int, k: int) -> np.ndarray:
     return classes
 
 
+_RUNNERS: "OrderedDict[tuple, _FeatureRunner]" = OrderedDict()
+_RUNNERS_KEPT = 4
+
+
+def _runner_for(model: keras.Model, targets: Sequence[keras.layers.Layer]) -> _FeatureRunner:
+    """The runner of ``model`` and its target layers, reused from call to call.
+
+    Each new runner traces its own gradient step, i.e. the whole model again (tens of seconds for
+    the three-backbone ensemble), so code that explains batch after batch must not get a new one per
+    batch. The last few are kept, with strong references, so an id cannot be reused while cached.
+    """
+    key = (id(model), *map(id, targets))
+    runner = _RUNNERS.pop(key, None) or _FeatureRunner(model, targets)
+    _RUNNERS[key] = runner
+    while len(_RUNNERS) > _RUNNERS_KEPT:
+        _RUNNERS.popitem(last=False)
+    return runner
+
+
 def _gradient_step(runner: _FeatureRunner):
     """The forward pass and the gradients of the class scores as one compiled function (cached per runner).
 
@@ -427,7 +447,7 @@ class GradCAM:
         self.model = model
         self.plus_plus = plus_plus
         self.layer_path, self.layer = find_target_layer(model, layer)
-        self._runner = _FeatureRunner(model, [self.layer])
+        self._runner = _runner_for(model, [self.layer])
 
     @property
     def score_kind(self) -> str:
@@ -456,7 +476,7 @@ def gradcam_for_layers(
     class (the model's prediction unless ``class_index`` is given).
     """
     resolved = [find_target_layer(model, layer) for layer in layers]
-    runner = _FeatureRunner(model, [layer for _, layer in resolved])
+    runner = _runner_for(model, [layer for _, layer in resolved])
     maps, classes, probabilities = _run_gradcam(runner, images, class_index, plus_plus)
     return {
         path: GradCAMResult(heat, cam, classes, probabilities, path, runner.score_kind)

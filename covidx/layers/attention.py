@@ -39,8 +39,8 @@ class MultiscaleAttention(keras.layers.Layer):
     Args:
         num_maps: ``M``, the number of attention maps (32 in the paper).
         epsilon: BatchNorm epsilon (1e-3 as the official code and WS-DAN).
-        momentum: BatchNorm moving-average momentum (Keras convention; torch's 0.1 = 0.9 here,
-            we keep the Keras default 0.99 used by every other covidx BN).
+        momentum: BatchNorm moving-average momentum (Keras convention; the official code's torch
+            0.1 is 0.9 here, what :func:`~covidx.models.magsd.build_magsd` passes; 0.99 is Keras' default).
     """
 
     def __init__(self, num_maps: int = 32, epsilon: float = 1e-3, momentum: float = 0.99, **kwargs):

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 
 from covidx.layers import ImageNormalization
-from covidx.layers.normalization import IMAGENET_MEAN, IMAGENET_STD
+from covidx.layers.normalization import IMAGENET_MEAN, IMAGENET_STD, track_batch_statistics
 from covidx.models.registry import Preset, register_model
 from covidx.weights import resolve_weights
 
@@ -64,12 +64,7 @@ def build_application_classifier(
         x = efficientnet_std_fix(x, "normalize_std")
     backbone = app(include_top=False, weights=path, input_tensor=x)
     if path is None:
-        # From scratch, keras.applications' BN momentum (0.999 in MobileNetV2, 0.99 elsewhere) leaves the
-        # moving statistics at their initial values for thousands of steps, so evaluation sees a
-        # different network than training. 0.9 (PyTorch's 0.1) tracks them within tens of steps.
-        for layer in backbone.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.momentum = 0.9
+        track_batch_statistics(backbone.layers)  # from scratch: BN statistics that follow training
     x = keras.layers.GlobalAveragePooling2D(name="gap")(backbone.output)
     if dropout:
         x = keras.layers.Dropout(dropout, name="dropout")(x)

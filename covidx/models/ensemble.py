@@ -52,6 +52,7 @@ import keras
 import numpy as np
 
 from covidx.layers import ImageNormalization
+from covidx.layers.normalization import track_batch_statistics
 from covidx.models.baseline import efficientnet_std_fix
 from covidx.models.registry import Preset, register_model
 from covidx.weights import WeightsNotFoundError, read_legacy_h5, resolve_weights
@@ -297,6 +298,8 @@ def build_ensemble(
             x = efficientnet_std_fix(x, f"{b}_normalize_std")
         # keras.applications loads its own .h5 topologically at construction time.
         backbone = app(include_top=False, weights=imagenet_file, input_tensor=x)
+        if path is None:
+            track_batch_statistics(backbone.layers)  # from scratch: BN statistics that follow training
         if path is not None and imagenet_file is None:
             ignored = load_backbone_weights(backbone, path, b)
             if ignored:

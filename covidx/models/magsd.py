@@ -28,7 +28,7 @@ from __future__ import annotations
 import keras
 
 from covidx.layers.attention import TORCH_DEFAULT_INIT, AttentionPooling, MultiscaleAttention
-from covidx.layers.normalization import ImageNormalization
+from covidx.layers.normalization import TORCH_BN_MOMENTUM, ImageNormalization, track_batch_statistics
 from covidx.models.registry import Preset, register_model
 from covidx.weights import resolve_weights
 
@@ -88,6 +88,9 @@ def build_magsd(
     inputs = keras.Input(input_shape, name="image")
     x = ImageNormalization(normalization, name="normalize")(inputs)
     backbone = keras.applications.ResNet50(include_top=False, weights=None, input_tensor=x)
+    # The official code is PyTorch: BN momentum 0.1 (Keras 0.9) in the encoder and the attention branches;
+    # keras.applications' 0.99 left short runs' validation at chance (covidx.layers.normalization).
+    track_batch_statistics(backbone.layers)
     features = [backbone.get_layer(n).output for n in FEATURE_LAYERS[:scales]]
     net = assemble_ma_net(inputs, features, num_classes, num_maps, pooling, with_attention, name)
     if path is not None:
@@ -109,7 +112,7 @@ def assemble_ma_net(
     Attention generator ``"attention_maps"`` -> pooling ``"attention_pooling"`` -> classifier
     ``"predictions"`` (softmax, float32). :func:`build_magsd` calls it with ResNet50's layer4/3/2.
     """
-    attention = MultiscaleAttention(num_maps, name=ATTENTION_MAPS)(features)
+    attention = MultiscaleAttention(num_maps, momentum=TORCH_BN_MOMENTUM, name=ATTENTION_MAPS)(features)
     pooled = AttentionPooling(pooling, name="attention_pooling")([features[0], attention])
     # The official classifier is bias-free on the BAP features; its GAP/GMP ablation head
     # (``fc_bone``) has a bias.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -245,6 +246,9 @@ def _start(cfg: TrainConfig, resume: str | Path | None) -> Path:
 
 
 def _train(cfg: TrainConfig, strategy, resume, chief: bool, scratch: Path) -> Path:
+    # config.json keeps absolute paths; what is printed and returned stays in the caller's terms (a relative --out
+    # gives a run folder relative to the working folder, so logs and notebooks show no machine path).
+    relative = not Path(cfg.out).is_absolute()
     cfg, preset, task = resolve(cfg)
     keras.utils.set_random_seed(cfg.seed)
     # Epoch length is unknown until the first pass (unreadable files are skipped), which Keras warns about.
@@ -317,6 +321,7 @@ def _train(cfg: TrainConfig, strategy, resume, chief: bool, scratch: Path) -> Pa
             run_dir.mkdir(parents=True)
         run_dir = Path(broadcast_text(strategy, str(run_dir)))  # every worker: the chief's folder
     out_dir = run_dir if chief else scratch  # where this worker writes
+    shown = Path(os.path.relpath(run_dir)) if relative else run_dir
     if chief:
         write_split_file(table, run_dir / SPLIT_FILE)  # absolute paths: evaluation works from any folder
 
@@ -364,17 +369,17 @@ def _train(cfg: TrainConfig, strategy, resume, chief: bool, scratch: Path) -> Pa
     if cfg.time_budget:
         callbacks.insert(0, TimeBudget(cfg.time_budget, cfg.budget_clock, cfg.batch_size, out_dir))
     print(f"training {cfg.model} ({net.count_params():,} parameters) on {len(train_t)} images, "
-          f"{cfg.epochs} epochs, run directory {run_dir}"
+          f"{cfg.epochs} epochs, run directory {shown}"
           + (f", {strategy.num_replicas_in_sync} replicas ({'chief' if chief else 'worker'})" if distributed else ""),
           flush=True)
     trainer.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks, verbose=cfg.verbose,
                 shuffle=False, steps_per_epoch=steps if distributed else None,  # the dataset shuffles itself
                 validation_steps=val_steps or None)
     if not chief:
-        return run_dir
+        return shown
     write_model_card(run_dir)  # what the model is for and is not; python -m covidx.evaluate adds its metrics
     figures = [f for f in (split_figures(run_dir, split, cfg.seed) for split in cfg.report_splits) if f]
     (run_dir / END_OF_RUN).write_text(json.dumps(figures, indent=2))
     for f in figures:
         print(f"{'SYNTHETIC ' if not cfg.data else ''}{f['line']}", flush=True)
-    return run_dir
+    return shown
