@@ -15,6 +15,10 @@ from covidx.data import make_dataset
 from covidx.serving.export import export
 from tests.helpers import CLASSES4 as CLASSES, make_run, write_image
 
+# The export and its signatures, not the network, are under test: the small CNN traces in a fraction of MobileNetV2's
+# time (test_export_families.py exports every family's network).
+MODEL = "baseline-smallcnn"
+
 
 def images(tmp_path, n=3):
     paths = [str(tmp_path / f"x{i}.png") for i in range(n)]
@@ -33,10 +37,10 @@ def keras_probs(net, pre, paths):
 
 @pytest.mark.parametrize("resize", ["stretch", "crop"])
 def test_export_layout_signatures_and_faithful_outputs(tmp_path, resize):
-    run, net, pre = make_run(tmp_path / "run", resize=resize)
+    run, net, pre = make_run(tmp_path / "run", resize=resize, model=MODEL)
     v1 = export(run, tmp_path / "exports")
     v2 = export(run, tmp_path / "exports")
-    assert v1 == tmp_path / "exports" / "baseline-mobilenetv2" / "1" and v2.name == "2"
+    assert v1 == tmp_path / "exports" / MODEL / "1" and v2.name == "2"
     assert (v1 / "saved_model.pb").is_file() and (v1 / "variables").is_dir()
     loaded = tf.saved_model.load(str(v1))
     assert set(loaded.signatures) == {"serving_default", "predict_tensor"}
@@ -60,7 +64,7 @@ def test_export_layout_signatures_and_faithful_outputs(tmp_path, resize):
 def test_rest_b64_and_grpc_request_paths(tmp_path):
     from tensorflow_serving.apis import predict_pb2
 
-    run, net, pre = make_run(tmp_path / "run")
+    run, net, pre = make_run(tmp_path / "run", model=MODEL)
     sig = tf.saved_model.load(str(export(run, tmp_path / "e"))).signatures["serving_default"]
     paths = images(tmp_path, 2)
     # REST: {"instances": [{"b64": ...}]}, as TF Serving decodes it into the string tensor.
@@ -70,7 +74,7 @@ def test_rest_b64_and_grpc_request_paths(tmp_path):
     rest = sig(image_bytes=tf.constant(instances))["probabilities"].numpy()
     # gRPC: a PredictRequest proto with a string TensorProto.
     request = predict_pb2.PredictRequest()
-    request.model_spec.name = "baseline-mobilenetv2"
+    request.model_spec.name = MODEL
     request.model_spec.signature_name = "serving_default"
     request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto([Path(p).read_bytes() for p in paths]))
     proto = predict_pb2.PredictRequest.FromString(request.SerializeToString())
@@ -80,7 +84,7 @@ def test_rest_b64_and_grpc_request_paths(tmp_path):
 
 
 def test_bad_requests_return_invalid_argument(tmp_path):
-    run, _, _ = make_run(tmp_path / "run")
+    run, _, _ = make_run(tmp_path / "run", model=MODEL)
     v = export(run, tmp_path / "e", max_pixels=60 * 60)
     sig = tf.saved_model.load(str(v)).signatures["serving_default"]
     small = images(tmp_path, 1)[0]
@@ -98,7 +102,7 @@ def test_bad_requests_return_invalid_argument(tmp_path):
 
 
 def test_saved_model_cli_lists_signatures(tmp_path):
-    run, _, _ = make_run(tmp_path / "run")
+    run, _, _ = make_run(tmp_path / "run", model=MODEL)
     v = export(run, tmp_path / "e")
     cli = Path(sys.executable).with_name("saved_model_cli")
     out = subprocess.run([str(cli), "show", "--dir", str(v), "--all"], capture_output=True, text=True, check=True).stdout
@@ -107,16 +111,16 @@ def test_saved_model_cli_lists_signatures(tmp_path):
 
 
 def test_export_cli_and_predict_cli_with_a_corrupt_file(tmp_path):
-    run, net, pre = make_run(tmp_path / "run", model="baseline-smallcnn")  # the CLIs, not the model, are tested
+    run, net, pre = make_run(tmp_path / "run", model=MODEL)
     r = subprocess.run([sys.executable, "-m", "covidx.export", "--checkpoint", str(run), "--out", str(tmp_path / "e"),
                         "--version", "7"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "e" / "baseline-smallcnn" / "7" / "saved_model.pb").is_file()
+    assert (tmp_path / "e" / MODEL / "7" / "saved_model.pb").is_file()
     folder = tmp_path / "in"
     folder.mkdir()
     paths = images(folder)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
-    for ckpt in (run, tmp_path / "e" / "baseline-smallcnn"):
+    for ckpt in (run, tmp_path / "e" / MODEL):
         out = tmp_path / f"res_{Path(ckpt).name}.csv"
         r = subprocess.run([sys.executable, "-m", "covidx.predict", str(folder), "--checkpoint", str(ckpt),
                             "--out", str(out)], capture_output=True, text=True)

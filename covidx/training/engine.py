@@ -219,7 +219,8 @@ def prepare_data(cfg: TrainConfig, task):
 
 
 def train(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
-    """Train; returns the run directory. ``resume`` continues an earlier run in place.
+    """Train; returns the run directory (relative to the working folder when ``cfg.out`` is relative).
+    ``resume`` continues an earlier run in place.
 
     Under ``strategy="multiworker"`` every worker process calls this with the same settings (its own
     ``TF_CONFIG``); only the chief writes the run folder (:mod:`covidx.training.distribute`). The caller's
