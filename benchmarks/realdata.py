@@ -18,6 +18,16 @@ Usage::
         [--models baseline-resnet50,seme-resnet50,...] [--paper] [--epochs N]
         [--model-arg NAME:KEY=VALUE ...] [--image-size N] [--batch-size N] [--precision P] [--out DIR]
 
+``--regional`` measures Regional Learning on real radiographs (Cascade-SEMEnet §4.D): the lung U-Net
+(``--lung-masks RUN``, or the one this command trains on ``--lungs``) predicts a lung mask for every
+Kermany image; SEME-DenseNet169 (the cascade's stage-2 model) then trains on the stage-1 task twice
+with the same data, masks, recipe and budget: with eq. 6 (``--trainer regional``: the loss on the full
+image and on its lung region ``X_T = X_O · M``) and without it (``--trainer moex``: full images only).
+Kermany has no COVID-19, so the stage-2 question itself cannot be asked of it. Each run is then
+explained on its validation images and the shortcut audit prints, per class, the median share of
+Grad-CAM energy inside the predicted lungs and its enrichment over the lung-area fraction
+(:mod:`covidx.explain.audit`), on full images and, for the eq.-6 run, on its deployed input ``X_T``.
+
 ``--epochs`` shortens the quick recipe so its warm-up + cosine schedule ends inside the budget
 (a budget that cuts a schedule at its peak learning rate wastes the last epochs). ``--model-arg``
 reduces a model where the CPU demands it (e.g. ``se-dpn92:width=0.5``); every such change is
@@ -37,6 +47,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
+import cv2  # noqa: E402
+
+from covidx.explain.runs import run_audit  # noqa: E402
+from covidx.runs import load_run  # noqa: E402
 from covidx.train import TrainConfig, parse_key_values, train  # noqa: E402
 
 CLASSIFIERS = ("baseline-resnet50", "seme-resnet50", "se-dpn92", "mag-sd", "ensemble")
@@ -44,12 +59,14 @@ CLASSIFIERS = ("baseline-resnet50", "seme-resnet50", "se-dpn92", "mag-sd", "ense
 
 def run_one(model: str, data: str, task: str, recipe: str, budget_s: float, out: Path, epochs: int | None,
             image_size: int | None, model_kwargs: dict, seed: int, steps_per_epoch: int | None = None,
-            precision: str | None = None, batch_size: int | None = None) -> dict:
+            precision: str | None = None, batch_size: int | None = None, trainer: str | None = None,
+            lung_masks: str | None = None) -> dict:
     cfg = TrainConfig(
         model=model, data=[data], task=task, recipe=recipe, epochs=epochs, image_size=image_size,
         val_fraction=0.15, test_fraction=0.0, respect_source_split=False, seed=seed, out=str(out),
         time_budget=budget_s, budget_clock="cpu", model_kwargs=model_kwargs, verbose=2, verify=False,
         report_splits=["val"], steps_per_epoch=steps_per_epoch, precision=precision, batch_size=batch_size,
+        trainer=trainer, lung_masks=lung_masks,
     )
     t0 = time.perf_counter()
     run_dir = train(cfg)
@@ -62,7 +79,34 @@ def run_one(model: str, data: str, task: str, recipe: str, budget_s: float, out:
     return dict(model=model, recipe=recipe, run=str(run_dir), budget=budget, val=val, total_wall_s=total_wall,
                 precision=saved["train"]["precision"], batch_size=saved["train"]["batch_size"],
                 epochs_done=epochs_done, image_size=saved["preprocess"]["image_size"], model_kwargs=model_kwargs,
-                parameters=saved["parameters"])
+                parameters=saved["parameters"], trainer=saved["trainer"])
+
+
+def audit_one(r: dict, inputs: tuple[str, ...]) -> dict:
+    """The shortcut audit of run ``r`` on its validation images, for each audit input."""
+    run = load_run(r["run"])
+    table = run.split_table()
+    table = table[table["split"] == "val"].reset_index(drop=True)
+    fractions = np.array([(cv2.imread(m, cv2.IMREAD_GRAYSCALE) > 127).mean() for m in table["mask_path"]])
+    out = {"lung_fraction": dict(median=float(np.median(fractions)), p05=float(np.percentile(fractions, 5)),
+                                 p95=float(np.percentile(fractions, 95)), empty=int((fractions == 0).sum()))}
+    for audit_input in inputs:
+        res = run_audit(run, table, Path(r["run"]) / f"audit-{audit_input}", audit_input=audit_input)
+        out[audit_input] = {c: (v["median_share"], v["median_enrichment"]) for c, v in res["per_class"].items()
+                            if v["n"]}
+    return out
+
+
+def fmt_audit(r: dict) -> str:
+    a = r["audit"]
+    f = a["lung_fraction"]
+    lines = [f"  lung-area fraction of the predicted masks: median {f['median']:.2f} (5-95 %: {f['p05']:.2f}-"
+             f"{f['p95']:.2f}), {f['empty']} empty"]
+    for key in ("full", "lung-region"):
+        if key in a:
+            lines.append(f"  audit on {key} images, median share inside lungs (enrichment): " + ", ".join(
+                f"{c} {s:.2f} ({e:.2f}x)" for c, (s, e) in a[key].items()))
+    return "\n".join(lines)
 
 
 def fmt(r: dict) -> str:
@@ -76,11 +120,17 @@ def fmt(r: dict) -> str:
     else:
         fig = "no validation figure"
     reduced = f" reduced: {r['model_kwargs']}" if r["model_kwargs"] else ""
-    return (f"{r['model']:<20} {r['recipe']:<6} {r['image_size']:>4}px b{r.get('batch_size')} {r.get('precision')} "
+    trainer = f" trainer {r['trainer']}" if r.get("trainer") else ""
+    return (f"{r['model']:<20} {r['recipe']:<6}{trainer} {r['image_size']:>4}px b{r.get('batch_size')} {r.get('precision')} "
             f"{fig:<52} cpu {b['cpu_s']:6.0f}s "
             f"wall {b['wall_s']:6.0f}s (+{r['total_wall_s'] - b['wall_s']:.0f}s setup/eval) "
             f"{b['images_per_wall_s']:5.1f} img/s  {r['epochs_done']} ep{' (budget hit)' if b['exhausted'] else ''}"
-            f"{reduced}")
+            f"{reduced}" + ("\n" + fmt_audit(r) if r.get("audit") else ""))
+
+
+def record(out: Path, r: dict) -> None:
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(r) + "\n")
 
 
 def main(argv=None) -> int:
@@ -101,6 +151,12 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", help="fp32 | bf16 | fp16 | auto for every run (default: the run's own, fp32)")
     ap.add_argument("--unet-image-size", type=int)
     ap.add_argument("--model-arg", action="append", default=[], metavar="MODEL:KEY=VALUE")
+    ap.add_argument("--regional", action="store_true",
+                    help="Regional Learning on --kermany: SEME-DenseNet169 with and without eq. 6, audited")
+    ap.add_argument("--lung-masks", metavar="LUNG_RUN",
+                    help="lung U-Net run for --regional (default: the one trained here on --lungs)")
+    ap.add_argument("--regional-budget-min", type=float, help="2-core CPU minutes per --regional run "
+                                                                "(default --budget-min)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs-realdata")
     args = ap.parse_args(argv)
@@ -115,6 +171,8 @@ def main(argv=None) -> int:
     if args.kermany:
         for m in [m for m in args.models.split(",") if m]:
             jobs.append((m, args.kermany, "stage1", args.budget_min, args.epochs, args.image_size))
+    if args.regional and not (args.kermany and (args.lung_masks or args.lungs)):
+        ap.error("--regional needs --kermany and a lung U-Net: --lung-masks RUN or --lungs DIR to train one")
     if args.lungs:
         jobs.append(("lung-unet", args.lungs, "lungs", args.unet_budget_min, args.unet_epochs, args.unet_image_size))
     for model, data, task, minutes, epochs, size in jobs:
@@ -125,8 +183,19 @@ def main(argv=None) -> int:
                         args.precision, args.batch_size if recipe == "quick" and task != "lungs" else None)
             results.append(r)
             print("RESULT " + fmt(r), flush=True)
-            with open(out / "results.jsonl", "a") as f:
-                f.write(json.dumps(r) + "\n")
+            record(out, r)
+    if args.regional:
+        lung_run = args.lung_masks or next(r["run"] for r in results if r["model"] == "lung-unet")
+        minutes = args.regional_budget_min or args.budget_min
+        for trainer in ("regional", "moex"):  # with eq. 6, and without it (same MoEx step, full images only)
+            r = run_one("seme-densenet169", args.kermany, "stage1", "quick", minutes * 60 * args.cores, out,
+                        args.epochs, args.image_size, kwargs.get("seme-densenet169", {}), args.seed,
+                        args.steps_per_epoch, args.precision, args.batch_size, trainer=trainer,
+                        lung_masks=str(Path(lung_run).resolve()))
+            r["audit"] = audit_one(r, ("full", "lung-region") if trainer == "regional" else ("full",))
+            results.append(r)
+            print("RESULT " + fmt(r), flush=True)
+            record(out, r)
     print(f"\nbudget: {args.budget_min} (U-Net {args.unet_budget_min}) min of {args.cores}-core CPU per run; "
           f"load average now {os.getloadavg()[0]:.1f}")
     for r in results:

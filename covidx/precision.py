@@ -4,8 +4,9 @@
 variables stay float32, convolutions and matmuls run in the 16-bit type. Where the numbers need the
 range, covidx keeps float32 regardless of the policy: every classifier's softmax layer is built with
 ``dtype="float32"``, Keras' BatchNormalization normalises and keeps its moving statistics in float32
-(at inference of a checkpoint converted by :func:`with_precision`, BN's per-channel affine alone runs in
-the 16-bit type, with scale and shift computed in float32),
+(at inference of a checkpoint converted by :func:`with_precision`, a BN right after a convolution is
+folded into that convolution's kernel and bias in float32, see :func:`fold_batch_norms`, and any other
+BN's per-channel affine runs in the 16-bit type, with scale and shift computed in float32),
 the losses cast to float32 (:mod:`covidx.training.moex`, :mod:`covidx.training.magsd`), and model
 inputs are float32 ``keras.Input`` tensors, so a bf16 network (and its SavedModel export) still takes
 and returns float32.
@@ -21,6 +22,7 @@ import contextlib
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from covidx.layers.normalization import LowPrecisionBatchNormalization
@@ -83,17 +85,105 @@ _LOW_PRECISION_BN = {k: v for k, v in keras.saving.serialize_keras_object(LowPre
                      if k in ("module", "class_name", "registered_name")}
 
 
+def _history(value) -> list:
+    """Every ``keras_history`` ([layer, node, tensor]) referenced in a functional config's node data."""
+    if isinstance(value, dict):
+        if value.get("class_name") == "__keras_tensor__":
+            return [value["config"]["keras_history"]]
+        return [h for v in value.values() for h in _history(v)]
+    if isinstance(value, (list, tuple)):
+        return [h for v in value for h in _history(v)]
+    return []
+
+
+def _foldable_pairs(config: dict) -> dict[str, str]:
+    """``{batch_norm_name: conv_name}`` for BNs whose one input is a bias-free-or-not, linear ``Conv2D``
+    used by nothing else, normalising its channels (the last axis)."""
+    layers = {layer["name"]: layer for layer in config["layers"]}
+    uses: dict[str, int] = {}
+    for layer in config["layers"]:
+        for name, _, _ in _history(layer.get("inbound_nodes", [])):
+            uses[name] = uses.get(name, 0) + 1
+    for name, _, _ in _history(config.get("output_layers", [])):
+        uses[name] = uses.get(name, 0) + 1
+    pairs = {}
+    for layer in config["layers"]:
+        if layer["class_name"] != "BatchNormalization" or len(layer.get("inbound_nodes", [])) != 1:
+            continue
+        sources = _history(layer["inbound_nodes"])
+        if len(sources) != 1 or layer["config"].get("axis") not in (-1, 3, [-1], [3]):
+            continue
+        conv = layers.get(sources[0][0])
+        if (conv is not None and conv["class_name"] == "Conv2D" and uses.get(conv["name"]) == 1
+                and len(conv.get("inbound_nodes", [])) == 1 and conv["config"].get("activation") == "linear"
+                and conv["config"].get("data_format", "channels_last") == "channels_last"):
+            pairs[layer["name"]] = conv["name"]
+    return pairs
+
+
+def fold_batch_norms(model: keras.Model) -> keras.Model:
+    """An inference copy of ``model`` with every ``Conv2D -> BatchNormalization`` pair merged into one
+    convolution (ResNet-type post-activation networks; a pre-activation BN, e.g. DenseNet's or DPN's,
+    follows a ReLU or a concatenation and stays).
+
+    At inference BN is ``y = (x - mean) * g / sqrt(var + eps) + beta``, so with
+    ``s = g / sqrt(var + eps)`` the pair equals a convolution with kernel ``W * s`` (per output
+    channel) and bias ``(b - mean) * s + beta``, computed here in float64 from the float32 weights. The
+    merged layer takes the BN layer's name (so layer names downstream, e.g. Grad-CAM targets, still
+    resolve); the convolution's own name, whose output no longer exists, is gone. Only the top level of a
+    functional model is folded; the copy is for inference, not for training (it has no BN to update).
+    Returns ``model`` itself when nothing folds.
+    """
+    config = model.get_config()
+    if "layers" not in config:
+        return model
+    pairs = _foldable_pairs(config)
+    if not pairs:
+        return model
+    convs = {layer["name"]: layer for layer in config["layers"] if layer["name"] in pairs.values()}
+    layers = []
+    for layer in config["layers"]:
+        if layer["name"] in convs:
+            continue
+        if layer["name"] in pairs:
+            conv = convs[pairs[layer["name"]]]
+            merged = {**conv, "name": layer["name"], "inbound_nodes": conv["inbound_nodes"],
+                      "config": {**conv["config"], "name": layer["name"], "use_bias": True, "bias_constraint": None,
+                                 "bias_regularizer": None, "bias_initializer": {"module": "keras.initializers",
+                                                                                "class_name": "Zeros", "config": {},
+                                                                                "registered_name": None}}}
+            layer = merged
+        layers.append(layer)
+    copy = model.__class__.from_config({**config, "layers": layers})
+    for layer in copy.layers:
+        if layer.name in pairs:
+            conv, bn = model.get_layer(pairs[layer.name]), model.get_layer(layer.name)
+            kernel = np.asarray(conv.kernel, np.float64)
+            bias = np.asarray(conv.bias, np.float64) if conv.use_bias else np.zeros(kernel.shape[-1])
+            scale = 1.0 / np.sqrt(np.asarray(bn.moving_variance, np.float64) + bn.epsilon)
+            if bn.scale:
+                scale = scale * np.asarray(bn.gamma, np.float64)
+            shift = -np.asarray(bn.moving_mean, np.float64) * scale + (np.asarray(bn.beta, np.float64) if bn.center else 0)
+            layer.set_weights([(kernel * scale).astype("float32"), (bias * scale + shift).astype("float32")])
+        elif layer.weights:
+            layer.set_weights(model.get_layer(layer.name).get_weights())
+    return copy
+
+
 def with_precision(model: keras.Model, precision: str | None) -> keras.Model:
     """A copy of ``model`` computing in ``precision`` (same weights), e.g. a float32 checkpoint run in bf16.
 
     Layers whose own policy is float32 take the new policy, except the model's output layers, which
-    stay float32 (softmax and outputs in float32); their BatchNormalization layers become
-    :class:`~covidx.layers.normalization.LowPrecisionBatchNormalization` (the same weights; the inference
-    affine in the new dtype instead of a float32 round trip per layer). Returns ``model`` itself for ``fp32``.
+    stay float32 (softmax and outputs in float32). A BatchNormalization right after a convolution is
+    folded into it (:func:`fold_batch_norms`: a bf16 convolution with its bias, no per-layer pass over the
+    feature map); the others become :class:`~covidx.layers.normalization.LowPrecisionBatchNormalization`
+    (the same weights; the inference affine in the new dtype instead of a float32 round trip per layer).
+    The copy is for inference. Returns ``model`` itself for ``fp32``.
     """
     resolved = resolve_precision(precision)
     if resolved == "fp32":
         return model
+    model = fold_batch_norms(model)
     keep = {t._keras_history.operation.name for t in tf.nest.flatten(model.outputs)}
     config = model.get_config()
     for layer in config.get("layers", []):

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 import covidx.layers  # noqa: F401  (registers covidx's layers for load_model)
 from covidx.data.synthetic import write_dataset
-from covidx.precision import precision_scope, resolve_precision, with_precision
+from covidx.precision import fold_batch_norms, precision_scope, resolve_precision, with_precision
 from covidx.runs import load_run
 from covidx.serving.export import export
 
@@ -38,8 +38,11 @@ def test_auto_follows_the_cpu_flags(tmp_path):
 
 
 def small_net():
+    """A post-activation conv-BN pair (folded by with_precision) and a pre-activation BN (kept)."""
     inputs = keras.Input((16, 16, 1))
     x = keras.layers.Conv2D(8, 3, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="conv_bn")(x)
+    x = keras.layers.ReLU(name="relu")(x)
     x = keras.layers.BatchNormalization(name="bn")(x)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     return keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="predictions")(x))
@@ -50,7 +53,7 @@ def test_with_precision_keeps_weights_and_float32_outputs():
     net = small_net()
     x = np.random.default_rng(0).uniform(0, 1, (4, 16, 16, 1)).astype("float32")
     bf16 = with_precision(net, "bf16")
-    assert bf16.get_layer("conv").dtype_policy.name == "mixed_bfloat16"
+    assert bf16.get_layer("conv_bn").dtype_policy.name == "mixed_bfloat16"  # the conv with its BN folded in
     assert bf16.get_layer("predictions").dtype_policy.name == "float32"  # softmax in float32
     assert bf16.get_layer("bn").moving_mean.dtype == "float32"  # BN statistics in float32
     out = bf16(x)
@@ -89,13 +92,54 @@ def test_low_precision_batchnorm_is_batchnorm_with_its_inference_affine_in_bf16(
     np.testing.assert_allclose(np.asarray(float_low(x, training=False)), want, rtol=1e-5, atol=1e-5)
 
 
+def randomise_batch_norms(model, rng):
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.set_weights([rng.uniform(0.5, 2, n), rng.normal(0, 1, n), rng.normal(0, 1, n), rng.uniform(0.5, 3, n)])
+
+
+def test_fold_batch_norms_merges_each_conv_bn_pair_and_nothing_else():
+    rng = np.random.default_rng(0)
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    inputs = keras.Input((12, 12, 2))
+    a = layers.BatchNormalization(name="a_bn")(layers.Conv2D(4, 3, padding="same", use_bias=False, name="a")(inputs))
+    b = layers.BatchNormalization(name="b_bn")(layers.Conv2D(4, 1, name="b")(inputs))  # with a bias
+    shared = layers.Conv2D(4, 3, padding="same", name="shared")(inputs)  # two users: its output must survive
+    c = layers.BatchNormalization(name="c_bn")(shared)
+    d = layers.BatchNormalization(name="d_bn")(layers.Conv2D(4, 1, activation="relu", name="d")(inputs))  # ReLU first
+    e = layers.BatchNormalization(name="e_bn")(layers.Concatenate(name="cat")([a, b]))  # not after a convolution
+    x = layers.Concatenate(name="out_cat")([layers.Add(name="add")([a, b, c, d, shared]), e])
+    net = keras.Model(inputs, layers.GlobalAveragePooling2D(name="gap")(x))
+    randomise_batch_norms(net, rng)
+    folded = fold_batch_norms(net)
+
+    kinds = {layer.name: type(layer).__name__ for layer in folded.layers}
+    assert kinds["a_bn"] == kinds["b_bn"] == "Conv2D" and "a" not in kinds and "b" not in kinds
+    assert {kinds[n] for n in ("c_bn", "d_bn", "e_bn")} == {"BatchNormalization"}
+    assert kinds["shared"] == kinds["d"] == "Conv2D"
+    x = rng.normal(0, 1, (3, 12, 12, 2)).astype("float32")
+    np.testing.assert_allclose(np.asarray(folded(x)), np.asarray(net(x)), rtol=1e-5, atol=1e-5)
+    # The merged weights, by the BN formula in NumPy: W * g / sqrt(var + eps), (b - mean) * s + beta.
+    gamma, beta, mean, var = net.get_layer("b_bn").get_weights()
+    kernel, bias = net.get_layer("b").get_weights()
+    s = gamma / np.sqrt(var + net.get_layer("b_bn").epsilon)
+    np.testing.assert_allclose(folded.get_layer("b_bn").kernel, kernel * s, rtol=1e-6)
+    np.testing.assert_allclose(folded.get_layer("b_bn").bias, (bias - mean) * s + beta, rtol=1e-5, atol=1e-6)
+    assert type(net.get_layer("a_bn")) is keras.layers.BatchNormalization  # the original is untouched
+    assert fold_batch_norms(folded) is folded  # nothing left to fold
+
+
 def test_with_precision_swaps_batchnorm_and_the_copy_reloads_in_safe_mode(tmp_path):
     from covidx.layers import LowPrecisionBatchNormalization
 
     keras.utils.set_random_seed(0)
     net = small_net()
+    randomise_batch_norms(net, np.random.default_rng(1))
     bf16 = with_precision(net, "bf16")
     assert isinstance(bf16.get_layer("bn"), LowPrecisionBatchNormalization)
+    assert type(bf16.get_layer("conv_bn")) is keras.layers.Conv2D  # folded into its convolution
     assert type(net.get_layer("bn")) is keras.layers.BatchNormalization  # the original is untouched
     bf16.save(tmp_path / "bf16.keras")
     again = keras.models.load_model(tmp_path / "bf16.keras", safe_mode=True)
