@@ -17,6 +17,7 @@ Usage::
     python benchmarks/realdata.py --kermany DIR --lungs DIR [--budget-min 20] [--unet-budget-min 15]
         [--models baseline-resnet50,seme-resnet50,...] [--paper] [--epochs N]
         [--model-arg NAME:KEY=VALUE ...] [--image-size N] [--batch-size N] [--precision P] [--out DIR]
+    python benchmarks/realdata.py --table DIR/results.jsonl [...]   # README's table from earlier runs
 
 ``--regional`` measures Regional Learning on real radiographs (Cascade-SEMEnet §4.D): the lung U-Net
 (``--lung-masks RUN``, or the one this command trains on ``--lungs``) predicts a lung mask for every
@@ -128,6 +129,38 @@ def fmt(r: dict) -> str:
             f"{reduced}" + ("\n" + fmt_audit(r) if r.get("audit") else ""))
 
 
+def markdown(results: list[dict]) -> str:
+    """The rows as README's table (``--table`` renders it from results.jsonl files of earlier runs)."""
+    lines = ["| model | recipe (trainer) | size, batch | validation figure [patient-bootstrap 95 % CI] | CPU s | wall s "
+             "| img/s | epochs |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        v, b = r["val"], r["budget"]
+        if v.get("kind") == "segmentation":
+            fig = f"Dice **{v['dice']:.3f}** (all-lung {v['trivial_dice']:.3f})"
+        elif v.get("macro_auc") is not None:
+            ci = v.get("ci") or [float("nan")] * 2
+            fig = f"macro AUC **{v['macro_auc']:.3f}** [{ci[0]:.3f}-{ci[1]:.3f}], accuracy {v['accuracy']:.3f}"
+            if "(lung region)" in v.get("line", ""):
+                fig += " (on the lung region)"
+        else:
+            fig = "none"
+        recipe = r["recipe"] + (f" ({r['trainer']})" if r.get("trainer") and r["trainer"] != "standard" else "")
+        reduced = f", {r['model_kwargs']}" if r.get("model_kwargs") else ""
+        lines.append(f"| {r['model']}{reduced} | {recipe} | {r['image_size']} px, {r.get('batch_size')} | {fig} "
+                     f"| {b['cpu_s']:,.0f} | {b['wall_s']:,.0f} | {b['images_per_wall_s']:.1f} "
+                     f"| {r['epochs_done']}{' (budget hit)' if b['exhausted'] else ''} |")
+    audited = [r for r in results if r.get("audit")]
+    if audited:
+        lines += ["", "| run (trainer) | audited input | median share of Grad-CAM inside the lungs (enrichment over "
+                      "the lung-area fraction) per class |", "|---|---|---|"]
+        for r in audited:
+            for key in ("full", "lung-region"):
+                if key in r["audit"]:
+                    lines.append(f"| {r['model']} ({r['trainer']}) | {key} | " + ", ".join(
+                        f"{c} {share:.2f} ({rich:.2f}x)" for c, (share, rich) in r["audit"][key].items()) + " |")
+    return "\n".join(lines)
+
+
 def record(out: Path, r: dict) -> None:
     with open(out / "results.jsonl", "a") as f:
         f.write(json.dumps(r) + "\n")
@@ -159,7 +192,12 @@ def main(argv=None) -> int:
                                                                 "(default --budget-min)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs-realdata")
+    ap.add_argument("--table", nargs="+", metavar="RESULTS_JSONL",
+                    help="print the markdown table of earlier runs' results.jsonl files and stop")
     args = ap.parse_args(argv)
+    if args.table:
+        print(markdown([json.loads(line) for f in args.table for line in Path(f).read_text().splitlines() if line]))
+        return 0
 
     kwargs: dict[str, dict] = {}
     for item in args.model_arg:
@@ -200,6 +238,7 @@ def main(argv=None) -> int:
           f"load average now {os.getloadavg()[0]:.1f}")
     for r in results:
         print(fmt(r))
+    print("\n" + markdown(results))
     return 0
 
 
