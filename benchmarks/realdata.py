@@ -50,9 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import cv2  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from covidx.explain.runs import run_audit  # noqa: E402
-from covidx.runs import load_run  # noqa: E402
+from covidx.runs import load_run, predict_table  # noqa: E402
 from covidx.train import TrainConfig, parse_key_values, train  # noqa: E402
 
 CLASSIFIERS = ("baseline-resnet50", "seme-resnet50", "se-dpn92", "mag-sd", "ensemble")
@@ -91,6 +92,9 @@ def audit_one(r: dict, inputs: tuple[str, ...]) -> dict:
     fractions = np.array([(cv2.imread(m, cv2.IMREAD_GRAYSCALE) > 127).mean() for m in table["mask_path"]])
     out = {"lung_fraction": dict(median=float(np.median(fractions)), p05=float(np.percentile(fractions, 5)),
                                  p95=float(np.percentile(fractions, 95)), empty=int((fractions == 0).sum()))}
+    if run.regional:  # its validation figure is on X_T (its cascade input); the full image too, to compare
+        probs, _ = predict_table(run, table, lung_region=False)
+        out["full_image_macro_auc"] = float(roc_auc_score(table["label_index"].to_numpy(), probs, multi_class="ovr"))
     for audit_input in inputs:
         res = run_audit(run, table, Path(r["run"]) / f"audit-{audit_input}", audit_input=audit_input)
         out[audit_input] = {c: (v["median_share"], v["median_enrichment"]) for c, v in res["per_class"].items()
@@ -103,6 +107,8 @@ def fmt_audit(r: dict) -> str:
     f = a["lung_fraction"]
     lines = [f"  lung-area fraction of the predicted masks: median {f['median']:.2f} (5-95 %: {f['p05']:.2f}-"
              f"{f['p95']:.2f}), {f['empty']} empty"]
+    if "full_image_macro_auc" in a:
+        lines.append(f"  validation macro AUC on full images (not X_T): {a['full_image_macro_auc']:.3f}")
     for key in ("full", "lung-region"):
         if key in a:
             lines.append(f"  audit on {key} images, median share inside lungs (enrichment): " + ", ".join(
@@ -122,8 +128,8 @@ def fmt(r: dict) -> str:
         fig = "no validation figure"
     reduced = f" reduced: {r['model_kwargs']}" if r["model_kwargs"] else ""
     trainer = f" trainer {r['trainer']}" if r.get("trainer") else ""
-    return (f"{r['model']:<20} {r['recipe']:<6}{trainer} {r['image_size']:>4}px b{r.get('batch_size')} {r.get('precision')} "
-            f"{fig:<52} cpu {b['cpu_s']:6.0f}s "
+    return (f"{r['model']:<20} {r['recipe']:<6}{trainer} {r['image_size']:>4}px b{r.get('batch_size')} "
+            f"{r.get('precision')} {fig:<52} cpu {b['cpu_s']:6.0f}s "
             f"wall {b['wall_s']:6.0f}s (+{r['total_wall_s'] - b['wall_s']:.0f}s setup/eval) "
             f"{b['images_per_wall_s']:5.1f} img/s  {r['epochs_done']} ep{' (budget hit)' if b['exhausted'] else ''}"
             f"{reduced}" + ("\n" + fmt_audit(r) if r.get("audit") else ""))
@@ -131,8 +137,8 @@ def fmt(r: dict) -> str:
 
 def markdown(results: list[dict]) -> str:
     """The rows as README's table (``--table`` renders it from results.jsonl files of earlier runs)."""
-    lines = ["| model | recipe (trainer) | size, batch | validation figure [patient-bootstrap 95 % CI] | CPU s | wall s "
-             "| img/s | epochs |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | recipe (trainer) | size, batch | validation figure [patient-bootstrap 95 % CI] "
+             "| CPU s | wall s | img/s | epochs |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         v, b = r["val"], r["budget"]
         if v.get("kind") == "segmentation":
@@ -141,14 +147,16 @@ def markdown(results: list[dict]) -> str:
             ci = v.get("ci") or [float("nan")] * 2
             fig = f"macro AUC **{v['macro_auc']:.3f}** [{ci[0]:.3f}-{ci[1]:.3f}], accuracy {v['accuracy']:.3f}"
             if "(lung region)" in v.get("line", ""):
-                fig += " (on the lung region)"
+                fig += " on the lung region X_T"
+            if r.get("audit", {}).get("full_image_macro_auc") is not None:
+                fig += f"; on full images {r['audit']['full_image_macro_auc']:.3f}"
         else:
             fig = "none"
         recipe = r["recipe"] + (f" ({r['trainer']})" if r.get("trainer") and r["trainer"] != "standard" else "")
         reduced = f", {r['model_kwargs']}" if r.get("model_kwargs") else ""
-        lines.append(f"| {r['model']}{reduced} | {recipe} | {r['image_size']} px, {r.get('batch_size')} | {fig} "
-                     f"| {b['cpu_s']:,.0f} | {b['wall_s']:,.0f} | {b['images_per_wall_s']:.1f} "
-                     f"| {r['epochs_done']}{' (budget hit)' if b['exhausted'] else ''} |")
+        size = f"{r['image_size']} px, {r.get('batch_size') or '—'}"
+        lines.append(f"| {r['model']}{reduced} | {recipe} | {size} | {fig} | {b['cpu_s']:,.0f} | {b['wall_s']:,.0f} "
+                     f"| {b['images_per_wall_s']:.1f} | {r['epochs_done']}{' (budget hit)' if b['exhausted'] else ''} |")
     audited = [r for r in results if r.get("audit")]
     if audited:
         lines += ["", "| run (trainer) | audited input | median share of Grad-CAM inside the lungs (enrichment over "
@@ -175,6 +183,7 @@ def main(argv=None) -> int:
     ap.add_argument("--unet-budget-min", type=float, default=15.0, help="2-core CPU minutes for the U-Net")
     ap.add_argument("--cores", type=int, default=2, help="a budget of M minutes is M * 60 * cores CPU seconds")
     ap.add_argument("--paper", action="store_true", help="also run the paper recipe with the same budget")
+    ap.add_argument("--recipes", help="comma-separated recipes to run (default: quick, or quick,paper with --paper)")
     ap.add_argument("--epochs", type=int, help="override the quick recipe's epochs (fit the schedule to the budget)")
     ap.add_argument("--unet-epochs", type=int)
     ap.add_argument("--steps-per-epoch", type=int, help="short epochs (classifiers): the schedule and validation "
@@ -204,6 +213,7 @@ def main(argv=None) -> int:
         name, _, kv = item.partition(":")
         kwargs.setdefault(name, {}).update(parse_key_values([kv]))
     out = Path(args.out)
+    recipes = args.recipes.split(",") if args.recipes else ["quick", "paper"] if args.paper else ["quick"]
     results = []
     jobs = []
     if args.kermany:
@@ -214,7 +224,7 @@ def main(argv=None) -> int:
     if args.lungs:
         jobs.append(("lung-unet", args.lungs, "lungs", args.unet_budget_min, args.unet_epochs, args.unet_image_size))
     for model, data, task, minutes, epochs, size in jobs:
-        for recipe in ("quick", "paper") if args.paper else ("quick",):
+        for recipe in recipes:
             r = run_one(model, data, task, recipe, minutes * 60 * args.cores, out,
                         epochs if recipe == "quick" else None, size if recipe == "quick" else None,
                         kwargs.get(model, {}), args.seed, args.steps_per_epoch if task != "lungs" else None,

@@ -85,6 +85,9 @@ _LOW_PRECISION_BN = {k: v for k, v in keras.saving.serialize_keras_object(LowPre
                      if k in ("module", "class_name", "registered_name")}
 
 
+_ZEROS = keras.saving.serialize_keras_object(keras.initializers.Zeros())
+
+
 def _history(value) -> list:
     """Every ``keras_history`` ([layer, node, tensor]) referenced in a functional config's node data."""
     if isinstance(value, dict):
@@ -97,8 +100,8 @@ def _history(value) -> list:
 
 
 def _foldable_pairs(config: dict) -> dict[str, str]:
-    """``{batch_norm_name: conv_name}`` for BNs whose one input is a bias-free-or-not, linear ``Conv2D``
-    used by nothing else, normalising its channels (the last axis)."""
+    """``{batch_norm_name: conv_name}`` for BNs over the channel (last) axis whose one input is a
+    ``Conv2D`` without activation whose output nothing else uses."""
     layers = {layer["name"]: layer for layer in config["layers"]}
     uses: dict[str, int] = {}
     for layer in config["layers"]:
@@ -147,12 +150,9 @@ def fold_batch_norms(model: keras.Model) -> keras.Model:
             continue
         if layer["name"] in pairs:
             conv = convs[pairs[layer["name"]]]
-            merged = {**conv, "name": layer["name"], "inbound_nodes": conv["inbound_nodes"],
-                      "config": {**conv["config"], "name": layer["name"], "use_bias": True, "bias_constraint": None,
-                                 "bias_regularizer": None, "bias_initializer": {"module": "keras.initializers",
-                                                                                "class_name": "Zeros", "config": {},
-                                                                                "registered_name": None}}}
-            layer = merged
+            layer = {**conv, "name": layer["name"],
+                     "config": {**conv["config"], "name": layer["name"], "use_bias": True, "bias_constraint": None,
+                                "bias_regularizer": None, "bias_initializer": _ZEROS}}
         layers.append(layer)
     copy = model.__class__.from_config({**config, "layers": layers})
     for layer in copy.layers:
@@ -163,7 +163,9 @@ def fold_batch_norms(model: keras.Model) -> keras.Model:
             scale = 1.0 / np.sqrt(np.asarray(bn.moving_variance, np.float64) + bn.epsilon)
             if bn.scale:
                 scale = scale * np.asarray(bn.gamma, np.float64)
-            shift = -np.asarray(bn.moving_mean, np.float64) * scale + (np.asarray(bn.beta, np.float64) if bn.center else 0)
+            shift = -np.asarray(bn.moving_mean, np.float64) * scale
+            if bn.center:
+                shift = shift + np.asarray(bn.beta, np.float64)
             layer.set_weights([(kernel * scale).astype("float32"), (bias * scale + shift).astype("float32")])
         elif layer.weights:
             layer.set_weights(model.get_layer(layer.name).get_weights())

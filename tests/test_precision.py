@@ -108,7 +108,8 @@ def test_fold_batch_norms_merges_each_conv_bn_pair_and_nothing_else():
     b = layers.BatchNormalization(name="b_bn")(layers.Conv2D(4, 1, name="b")(inputs))  # with a bias
     shared = layers.Conv2D(4, 3, padding="same", name="shared")(inputs)  # two users: its output must survive
     c = layers.BatchNormalization(name="c_bn")(shared)
-    d = layers.BatchNormalization(name="d_bn")(layers.Conv2D(4, 1, activation="relu", name="d")(inputs))  # ReLU first
+    d = layers.Conv2D(4, 1, activation="relu", name="d")(inputs)
+    d = layers.BatchNormalization(name="d_bn")(d)  # after the convolution's ReLU: cannot fold
     e = layers.BatchNormalization(name="e_bn")(layers.Concatenate(name="cat")([a, b]))  # not after a convolution
     x = layers.Concatenate(name="out_cat")([layers.Add(name="add")([a, b, c, d, shared]), e])
     net = keras.Model(inputs, layers.GlobalAveragePooling2D(name="gap")(x))
