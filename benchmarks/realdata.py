@@ -50,8 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import cv2  # noqa: E402
-from sklearn.metrics import roc_auc_score  # noqa: E402
 
+from covidx.evaluation.metrics import classification_metrics  # noqa: E402
 from covidx.explain.runs import run_audit  # noqa: E402
 from covidx.runs import load_run, predict_table  # noqa: E402
 from covidx.train import TrainConfig, parse_key_values, train  # noqa: E402
@@ -94,7 +94,9 @@ def audit_one(r: dict, inputs: tuple[str, ...]) -> dict:
                                  p95=float(np.percentile(fractions, 95)), empty=int((fractions == 0).sum()))}
     if run.regional:  # its validation figure is on X_T (its cascade input); the full image too, to compare
         probs, _ = predict_table(run, table, lung_region=False)
-        out["full_image_macro_auc"] = float(roc_auc_score(table["label_index"].to_numpy(), probs, multi_class="ovr"))
+        m = classification_metrics(table["label_index"].to_numpy().astype(int), probs, run.class_names,
+                                   patient_ids=list(table["patient_id"]), positive_class=None)
+        out["full_image_macro_auc"], out["full_image_ci"] = m["macro"]["auc"], m["ci"].get("macro_auc")
     for audit_input in inputs:
         res = run_audit(run, table, Path(r["run"]) / f"audit-{audit_input}", audit_input=audit_input)
         out[audit_input] = {c: (v["median_share"], v["median_enrichment"]) for c, v in res["per_class"].items()
@@ -108,7 +110,8 @@ def fmt_audit(r: dict) -> str:
     lines = [f"  lung-area fraction of the predicted masks: median {f['median']:.2f} (5-95 %: {f['p05']:.2f}-"
              f"{f['p95']:.2f}), {f['empty']} empty"]
     if "full_image_macro_auc" in a:
-        lines.append(f"  validation macro AUC on full images (not X_T): {a['full_image_macro_auc']:.3f}")
+        lo, hi = a["full_image_ci"]
+        lines.append(f"  validation macro AUC on full images (not X_T): {a['full_image_macro_auc']:.3f} [{lo:.3f}-{hi:.3f}]")
     for key in ("full", "lung-region"):
         if key in a:
             lines.append(f"  audit on {key} images, median share inside lungs (enrichment): " + ", ".join(
@@ -149,7 +152,8 @@ def markdown(results: list[dict]) -> str:
             if "(lung region)" in v.get("line", ""):
                 fig += " on the lung region X_T"
             if r.get("audit", {}).get("full_image_macro_auc") is not None:
-                fig += f"; on full images {r['audit']['full_image_macro_auc']:.3f}"
+                lo, hi = r["audit"]["full_image_ci"]
+                fig += f"; on full images {r['audit']['full_image_macro_auc']:.3f} [{lo:.3f}-{hi:.3f}]"
         else:
             fig = "none"
         recipe = r["recipe"] + (f" ({r['trainer']})" if r.get("trainer") and r["trainer"] != "standard" else "")
