@@ -23,11 +23,13 @@ resnet50-train        ResNet50 train step @224, SGD momentum 0.9       torchvisi
 dpn92-train           DPN-92 train step @128, batch 16, SGD momentum   timm dpn92, same step
 magsd-train           MAG-SD iteration: 1 + 3 attention-guided         ResNet50 + attention maps + BAP,
                       forwards, 1 backward, @224, 1 channel            the same 1 + 3 forwards, 1 backward
-seme-resnet50-512-bf16  SEME-ResNet50 @512, bfloat16 (with_precision)  ResNet50 under torch.autocast(bf16)
+seme-resnet50-512-bf16  SEME-ResNet50 @512, bfloat16 (inference_copy)  ResNet50 under torch.autocast(bf16)
 ====================  ===============================================  =================================
 
-PyTorch inference runs under ``torch.inference_mode`` in both NCHW and channels-last; the faster of the
-two (chosen at warm-up) is timed. Both frameworks use ``--threads`` threads (default: all cores).
+PyTorch inference runs under ``torch.inference_mode`` in NCHW and channels-last, each also with its
+conv-BN pairs fused by ``torch.fx.experimental.optimization.fuse`` (as covidx's inference copy folds
+them); the fastest of these (chosen at warm-up) is timed. Both frameworks use ``--threads`` threads
+(default: all cores).
 FLOPs per image are counted in PyTorch (``torch.utils.flop_counter``) on the reference and used for both
 sides' GFLOP/s (the architectures match to within the SE blocks / attention heads).
 
@@ -156,7 +158,7 @@ def tf_worker(args):
 
     import covidx.training  # noqa: F401  (registers the trainers)
     from covidx.models import create_model
-    from covidx.precision import with_precision
+    from covidx.precision import inference_copy
     from covidx.training.magsd import MagSDTrainer
     from covidx.training.trainers import Trainer
 
@@ -179,10 +181,11 @@ def tf_worker(args):
         keras.backend.clear_session()
         label, _, size, channels, batch, kind = ROWS[row]
         net = create_model(COVIDX_MODEL[row], num_classes=NUM_CLASSES, image_size=size, channels=channels)
-        if row.endswith("-bf16"):  # what predict/evaluate/export --precision bf16 run: a float32 checkpoint converted
-            net = with_precision(net, "bf16")
         x = tf.constant(rng.uniform(0, 255, (batch, size, size, channels)).astype("float32"))
         if kind == "infer":
+            # What predict / evaluate / export run: the float32 checkpoint's inference copy (BN folded into the
+            # convolutions before it, in bf16 for the -bf16 row).
+            net = inference_copy(net, "bf16" if row.endswith("-bf16") else None)
             fn = tf.function(lambda t: net(t, training=False), jit_compile=args.tf_jit)
 
             def step():
@@ -315,18 +318,25 @@ def torch_worker(args):
         flops = counter.get_total_flops()
         if kind == "infer":
             model.eval()
+            variants = {"": model}
+            try:  # covidx folds BN into the convolutions at inference; so may a PyTorch user (torch.fx)
+                variants[", conv-BN fused"] = torch.fx.experimental.optimization.fuse(model)
+            except Exception:  # noqa: BLE001  (a model torch.fx cannot trace runs unfused)
+                pass
             candidates = {}
-            for fmt in (torch.contiguous_format, torch.channels_last):
-                m, xi = model.to(memory_format=fmt), x.contiguous(memory_format=fmt)
+            for fused, base in variants.items():
+                for fmt in (torch.contiguous_format, torch.channels_last):
+                    m, xi = base.to(memory_format=fmt), x.contiguous(memory_format=fmt)
 
-                def step(m=m, xi=xi):
-                    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-                        m(xi)
+                    def step(m=m, xi=xi):
+                        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                            m(xi)
 
-                step()
-                t0 = time.perf_counter()
-                step()
-                candidates[time.perf_counter() - t0] = (step, "channels_last" if fmt is torch.channels_last else "NCHW")
+                    step()
+                    t0 = time.perf_counter()
+                    step()
+                    layout = "channels_last" if fmt is torch.channels_last else "NCHW"
+                    candidates[time.perf_counter() - t0] = (step, layout + fused)
             step, layout = candidates[min(candidates)]
             return step, {"flops_per_image": flops, "layout": layout}
         model.train()

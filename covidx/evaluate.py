@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     results, summaries, sections = {}, {}, {}
     try:
         for ckpt in args.checkpoint:
-            run = load_run(ckpt, precision=args.precision)
+            run = load_run(ckpt, precision=args.precision, inference=True)
             table = evaluation_table(run, args.data, args.layout, args.split)
             name = run.name
             key = name if name not in results else f"{name}-{len(results)}"

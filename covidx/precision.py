@@ -5,7 +5,7 @@ variables stay float32, convolutions and matmuls run in the 16-bit type. Where t
 range, covidx keeps float32 regardless of the policy: every classifier's softmax layer is built with
 ``dtype="float32"``, Keras' BatchNormalization normalises and keeps its moving statistics in float32
 (at inference of a checkpoint converted by :func:`with_precision`, a BN right after a convolution is
-folded into that convolution's kernel and bias in float32, see :func:`fold_batch_norms`, and any other
+folded into that convolution's kernel and bias in float64, see :func:`inference_copy`, and any other
 BN's per-channel affine runs in the 16-bit type, with scale and shift computed in float32),
 the losses cast to float32 (:mod:`covidx.training.moex`, :mod:`covidx.training.magsd`), and model
 inputs are float32 ``keras.Input`` tensors, so a bf16 network (and its SavedModel export) still takes
@@ -173,30 +173,43 @@ def fold_batch_norms(model: keras.Model) -> keras.Model:
 
 
 def with_precision(model: keras.Model, precision: str | None) -> keras.Model:
-    """A copy of ``model`` computing in ``precision`` (same weights), e.g. a float32 checkpoint run in bf16.
+    """A copy of ``model`` computing in ``precision`` (same weights), e.g. a float32 checkpoint run in bf16
+    or a bf16-trained one run in fp32.
 
-    Layers whose own policy is float32 take the new policy, except the model's output layers, which
-    stay float32 (softmax and outputs in float32). A BatchNormalization right after a convolution is
-    folded into it (:func:`fold_batch_norms`: a bf16 convolution with its bias, no per-layer pass over the
-    feature map); the others become :class:`~covidx.layers.normalization.LowPrecisionBatchNormalization`
+    Layers under one of covidx's policies (float32, mixed_bfloat16, mixed_float16) take the new one, except
+    the model's output layers, which stay as built (softmax and outputs in float32). In bf16/fp16,
+    BatchNormalization layers become :class:`~covidx.layers.normalization.LowPrecisionBatchNormalization`
     (the same weights; the inference affine in the new dtype instead of a float32 round trip per layer).
-    The copy is for inference. Returns ``model`` itself for ``fp32``.
+    The copy is for inference; what covidx's inference paths run is :func:`inference_copy` (BN folded
+    first). Returns ``model`` itself when nothing changes (e.g. fp32 for a float32 checkpoint).
     """
-    resolved = resolve_precision(precision)
-    if resolved == "fp32":
-        return model
-    model = fold_batch_norms(model)
+    target = POLICIES[resolve_precision(precision)]
     keep = {t._keras_history.operation.name for t in tf.nest.flatten(model.outputs)}
     config = model.get_config()
+    changed = False
     for layer in config.get("layers", []):
-        if layer["config"].get("name") in keep:
-            continue
         dtype = layer["config"].get("dtype")
-        if isinstance(dtype, dict) and dtype.get("config", {}).get("name") == "float32":
-            dtype["config"]["name"] = POLICIES[resolved]
-            if layer.get("class_name") == "BatchNormalization":  # inference affine in bf16/fp16, not float32
-                layer.update(_LOW_PRECISION_BN)
+        if (layer["config"].get("name") in keep or not isinstance(dtype, dict)
+                or dtype.get("config", {}).get("name") not in POLICIES.values()):
+            continue
+        if dtype["config"]["name"] != target:
+            dtype["config"]["name"] = target
+            changed = True
+        if target != "float32" and layer.get("class_name") == "BatchNormalization":  # affine in bf16/fp16
+            layer.update(_LOW_PRECISION_BN)
+            changed = True
+    if not changed:
+        return model
     copy = model.__class__.from_config(config)
     copy.set_weights(model.get_weights())
     return copy
 
+
+def inference_copy(model: keras.Model, precision: str | None = None) -> keras.Model:
+    """The network as covidx's inference paths run it (evaluate, predict, export, the benchmarks): every
+    ``Conv2D -> BatchNormalization`` pair folded into one convolution (:func:`fold_batch_norms`, in any
+    precision: at float32 the fold changes outputs by float rounding only, and saves one pass over the feature
+    map per BN), then computed in ``precision`` (:func:`with_precision`; ``None`` keeps the checkpoint's own).
+    """
+    model = fold_batch_norms(model)
+    return model if precision is None else with_precision(model, precision)

@@ -132,7 +132,7 @@ def main(argv=None) -> int:
                 return 2
             out = Path(args.out)
             mask_dir = Path(args.masks) if args.masks else out.with_name(out.stem + "_masks")
-            run = load_run(args.checkpoint, precision=args.precision)
+            run = load_run(args.checkpoint, precision=args.precision, inference=True)
             predictor = TwoStagePredictor.from_runs(run, args.segmenter)
             names = predictor.class_names
             probs, segmented, mask_paths, overlay_paths = segment_files(predictor, good, mask_dir, args.batch_size,
@@ -145,8 +145,8 @@ def main(argv=None) -> int:
                 return 2
             probs, names = predict_export(export_dir, good, args.batch_size, progress)
         else:
-            probs, run = predict_paths(load_run(args.checkpoint, precision=args.precision), good, args.batch_size,
-                                       progress)
+            run = load_run(args.checkpoint, precision=args.precision, inference=True)
+            probs, run = predict_paths(run, good, args.batch_size, progress)
             names = run.class_names
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

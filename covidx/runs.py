@@ -25,7 +25,7 @@ from covidx.data.io import PATH_COLUMNS, missing_files_message
 from covidx.data.pipeline import make_dataset
 from covidx.data.preprocess import PreprocessConfig
 from covidx.data.splitfile import read_split_file
-from covidx.precision import with_precision
+from covidx.precision import inference_copy
 from covidx.tasks import TASKS
 
 CONFIG_FILE = "config.json"
@@ -160,16 +160,19 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     return p, (p.parent if (p.parent / CONFIG_FILE).is_file() else None)
 
 
-def load_run(path: str | Path, compile: bool = False, precision: str | None = None) -> Run:
+def load_run(path: str | Path, compile: bool = False, precision: str | None = None,
+             inference: bool = False) -> Run:
     """Load a checkpoint (safe_mode=True: no pickles, no Lambda) and its run configuration.
 
-    ``precision`` (``fp32`` / ``bf16`` / ``fp16`` / ``auto``, :mod:`covidx.precision`) runs the network in
-    that precision (float32 outputs); ``None`` keeps the precision it was trained in.
+    ``inference`` (implied by a ``precision``) gives the network evaluate, predict and export run
+    (:func:`covidx.precision.inference_copy`: batch norms folded into their convolutions, computed in
+    ``precision``: ``fp32`` / ``bf16`` / ``fp16`` / ``auto``, float32 outputs; ``None`` keeps the precision it
+    was trained in). Without it the checkpoint is returned as saved (e.g. to explain its layers or fine-tune it).
     """
     ckpt, run_dir = find_checkpoint(path)
     model = keras.models.load_model(ckpt, compile=compile, safe_mode=True)
-    if precision is not None:
-        model = with_precision(model, precision)
+    if inference or precision is not None:
+        model = inference_copy(model, precision)
     config = RunConfig.load(run_dir) if run_dir is not None else RunConfig.for_model(model)
     return Run(model, config, run_dir, ckpt)
 

@@ -5,6 +5,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Image fingerprints (duplicate detection) are cached per user; tests (and the runs they start) keep theirs apart.
 os.environ["COVIDX_CACHE_DIR"] = tempfile.mkdtemp(prefix="covidx-test-cache-")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# Under xdist each worker (and every process or notebook kernel it starts, which inherit this) gets one TensorFlow
+# thread per pool: two workers with two threads each on two cores spend time fighting for them (measured on 2 cores:
+# four heavy files in 162 s instead of 176 s). Read by TensorFlow when its first context is made, after this.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

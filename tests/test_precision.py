@@ -14,7 +14,7 @@ import tensorflow as tf
 
 import covidx.layers  # noqa: F401  (registers covidx's layers for load_model)
 from covidx.data.synthetic import write_dataset
-from covidx.precision import fold_batch_norms, precision_scope, resolve_precision, with_precision
+from covidx.precision import fold_batch_norms, inference_copy, precision_scope, resolve_precision, with_precision
 from covidx.runs import load_run
 from covidx.serving.export import export
 
@@ -38,7 +38,7 @@ def test_auto_follows_the_cpu_flags(tmp_path):
 
 
 def small_net():
-    """A post-activation conv-BN pair (folded by with_precision) and a pre-activation BN (kept)."""
+    """A post-activation conv-BN pair (folded by inference_copy) and a pre-activation BN (kept)."""
     inputs = keras.Input((16, 16, 1))
     x = keras.layers.Conv2D(8, 3, name="conv")(inputs)
     x = keras.layers.BatchNormalization(name="conv_bn")(x)
@@ -53,7 +53,7 @@ def test_with_precision_keeps_weights_and_float32_outputs():
     net = small_net()
     x = np.random.default_rng(0).uniform(0, 1, (4, 16, 16, 1)).astype("float32")
     bf16 = with_precision(net, "bf16")
-    assert bf16.get_layer("conv_bn").dtype_policy.name == "mixed_bfloat16"  # the conv with its BN folded in
+    assert bf16.get_layer("conv").dtype_policy.name == "mixed_bfloat16"
     assert bf16.get_layer("predictions").dtype_policy.name == "float32"  # softmax in float32
     assert bf16.get_layer("bn").moving_mean.dtype == "float32"  # BN statistics in float32
     out = bf16(x)
@@ -132,20 +132,26 @@ def test_fold_batch_norms_merges_each_conv_bn_pair_and_nothing_else():
     assert fold_batch_norms(folded) is folded  # nothing left to fold
 
 
-def test_with_precision_swaps_batchnorm_and_the_copy_reloads_in_safe_mode(tmp_path):
+def test_inference_copy_folds_swaps_batchnorm_and_reloads_in_safe_mode(tmp_path):
     from covidx.layers import LowPrecisionBatchNormalization
 
     keras.utils.set_random_seed(0)
     net = small_net()
     randomise_batch_norms(net, np.random.default_rng(1))
-    bf16 = with_precision(net, "bf16")
+    x = np.random.default_rng(0).uniform(0, 1, (4, 16, 16, 1)).astype("float32")
+    fp32 = inference_copy(net)  # the checkpoint's own precision: folded, float rounding apart the same network
+    assert type(fp32.get_layer("conv_bn")) is keras.layers.Conv2D and "conv" not in {l.name for l in fp32.layers}
+    assert type(fp32.get_layer("bn")) is keras.layers.BatchNormalization
+    np.testing.assert_allclose(np.asarray(fp32(x)), np.asarray(net(x)), rtol=1e-5, atol=1e-6)
+    bf16 = inference_copy(net, "bf16")
     assert isinstance(bf16.get_layer("bn"), LowPrecisionBatchNormalization)
     assert type(bf16.get_layer("conv_bn")) is keras.layers.Conv2D  # folded into its convolution
+    assert bf16.get_layer("conv_bn").dtype_policy.name == "mixed_bfloat16"
     assert type(net.get_layer("bn")) is keras.layers.BatchNormalization  # the original is untouched
-    bf16.save(tmp_path / "bf16.keras")
-    again = keras.models.load_model(tmp_path / "bf16.keras", safe_mode=True)
-    x = np.random.default_rng(0).uniform(0, 1, (4, 16, 16, 1)).astype("float32")
-    np.testing.assert_array_equal(np.asarray(again(x)), np.asarray(bf16(x)))
+    for name, copy in (("fp32", fp32), ("bf16", bf16)):
+        copy.save(tmp_path / f"{name}.keras")
+        again = keras.models.load_model(tmp_path / f"{name}.keras", safe_mode=True)
+        np.testing.assert_array_equal(np.asarray(again(x)), np.asarray(copy(x)))
 
 
 @pytest.mark.slow
@@ -179,5 +185,8 @@ def test_bf16_trains_saves_reloads_and_exports_float32(tmp_path):
     # An fp32 run's checkpoint evaluated / exported in bf16: float32 in and out, close to fp32.
     run32 = load_run(run_dir, precision="fp32")
     run16 = load_run(run_dir, precision="bf16")
+    assert "BatchNormalization" in {type(l).__name__ for l in load_run(run_dir).model.layers}  # as saved
+    assert "BatchNormalization" not in {type(l).__name__ for l in run32.model.layers}  # smallcnn: conv -> BN, folded
+    assert {layer.dtype_policy.name for layer in run32.model.layers} == {"float32"}  # bf16-trained, run in fp32
     assert run16.model.outputs[0].dtype == "float32"
     np.testing.assert_allclose(np.asarray(run16.model(x)), np.asarray(run32.model(x)), atol=0.05)

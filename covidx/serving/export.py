@@ -109,7 +109,7 @@ def export(checkpoint, out_dir, version: int | None = None, max_pixels: int = DE
     ``precision`` computes the exported network in fp32 / bf16 / fp16 / auto (:mod:`covidx.precision`);
     inputs and outputs stay float32 either way. ``None`` keeps the run's own precision.
     """
-    run = load_run(checkpoint, precision=precision)
+    run = load_run(checkpoint, precision=precision, inference=True)
     return write_version(build_archive(run, max_pixels), out_dir, name or serving_name(run), version,
                          {**run.config.to_dict(), "max_pixels": max_pixels, "precision": precision},
                          {CARD_NAME: card_text(run.directory, run.config.to_dict())})
