@@ -1,9 +1,10 @@
 """What ``--precision bf16`` (or fp16) does to a trained run's predictions, against its float32 predictions.
 
-The same checkpoint is loaded twice (:func:`covidx.runs.load_run` with ``precision="fp32"`` and with the
-precision asked for) and run over one split of its ``split.csv`` through its own evaluation preprocessing.
-Printed: macro AUC (one-vs-rest) and accuracy under each precision, the AUC change, the share of images whose
-predicted class changes (argmax flips), the largest probability difference, and images/s of each.
+The same checkpoint is loaded three times (:func:`covidx.runs.load_run`: as saved, and the inference copies
+with ``precision="fp32"`` and with the precision asked for, both with BN folded into the convolutions) and run
+over one split of its ``split.csv`` through its own evaluation preprocessing. Printed: macro AUC (one-vs-rest)
+and accuracy of each, and for each inference copy against the checkpoint as saved the AUC change, the share of
+images whose predicted class changes (argmax flips) and the largest probability difference; images/s of each.
 
 Usage::
 
@@ -38,25 +39,29 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     results = {}
-    for precision in ("fp32", args.precision):
-        run = load_run(args.run, precision=precision)
+    # "saved": the checkpoint as training wrote it (BN layers unfolded); then the inference copies that
+    # evaluate / predict / export run: fp32 (BN folded) and the low precision asked for.
+    for name, kwargs in (("saved", {}), ("fp32", {"precision": "fp32"}), (args.precision, {"precision": args.precision})):
+        run = load_run(args.run, **kwargs)
         table = run.split_table()
         table = table[table["split"] == args.split].reset_index(drop=True)
         predict_table(run, table.head(args.batch_size), args.batch_size)  # trace before timing
         t0 = time.perf_counter()
         probs, targets = predict_table(run, table, args.batch_size)
-        results[precision] = (np.asarray(probs, np.float64), len(table) / (time.perf_counter() - t0))
+        results[name] = (np.asarray(probs, np.float64), len(table) / (time.perf_counter() - t0))
     y = np.asarray(targets).argmax(1)
-    p32, plow = results["fp32"][0], results[args.precision][0]
     auc = {k: roc_auc_score(y, p, multi_class="ovr", average="macro") for k, (p, _) in results.items()}
     acc = {k: float((p.argmax(1) == y).mean()) for k, (p, _) in results.items()}
-    flips = int((p32.argmax(1) != plow.argmax(1)).sum())
     units = ", ".join(f for f in ("avx512_bf16", "amx_bf16") if f in cpu_flags()) or "no bf16 units"
     print(f"{args.run}: {len(y)} {args.split!r} images, classes {run.class_names} ({units})")
     for k in results:
         print(f"  {k:<5} macro AUC {auc[k]:.4f}  accuracy {acc[k]:.4f}  {results[k][1]:.1f} img/s")
-    print(f"  AUC change {auc[args.precision] - auc['fp32']:+.4f}; argmax flips {flips} of {len(y)} "
-          f"({100 * flips / len(y):.2f} %); largest probability difference {np.abs(p32 - plow).max():.4f}")
+    reference = results["saved"][0]
+    for k in ("fp32", args.precision):
+        flips = int((reference.argmax(1) != results[k][0].argmax(1)).sum())
+        print(f"  {k} against saved: AUC change {auc[k] - auc['saved']:+.4f}; argmax flips {flips} of {len(y)} "
+              f"({100 * flips / len(y):.2f} %); largest probability difference "
+              f"{np.abs(reference - results[k][0]).max():.4f}")
     return 0
 
 

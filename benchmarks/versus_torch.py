@@ -210,6 +210,7 @@ def tf_worker(args):
 def torch_worker(args):
     import timm
     import torch
+    import torch.fx.experimental.optimization as fx_optimization
     import torch.nn.functional as F
     import torchvision
     from torch.utils.flop_counter import FlopCounterMode
@@ -320,9 +321,9 @@ def torch_worker(args):
             model.eval()
             variants = {"": model}
             try:  # covidx folds BN into the convolutions at inference; so may a PyTorch user (torch.fx)
-                variants[", conv-BN fused"] = torch.fx.experimental.optimization.fuse(model)
-            except Exception:  # noqa: BLE001  (a model torch.fx cannot trace runs unfused)
-                pass
+                variants[", conv-BN fused"] = fx_optimization.fuse(model)
+            except Exception as e:  # noqa: BLE001  (a model torch.fx cannot trace runs unfused)
+                print(f"{row}: torch.fx conv-BN fusion failed ({type(e).__name__}: {e}); timed unfused", file=sys.stderr)
             candidates = {}
             for fused, base in variants.items():
                 for fmt in (torch.contiguous_format, torch.channels_last):

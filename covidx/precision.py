@@ -4,9 +4,9 @@
 variables stay float32, convolutions and matmuls run in the 16-bit type. Where the numbers need the
 range, covidx keeps float32 regardless of the policy: every classifier's softmax layer is built with
 ``dtype="float32"``, Keras' BatchNormalization normalises and keeps its moving statistics in float32
-(at inference of a checkpoint converted by :func:`with_precision`, a BN right after a convolution is
-folded into that convolution's kernel and bias in float64, see :func:`inference_copy`, and any other
-BN's per-channel affine runs in the 16-bit type, with scale and shift computed in float32),
+(in the inference copy of a checkpoint, :func:`inference_copy`, a BN right after a convolution is folded
+into that convolution's kernel and bias in float64, and any other BN's per-channel affine is one fused
+kernel in the feature map's type, with its statistics in float32),
 the losses cast to float32 (:mod:`covidx.training.moex`, :mod:`covidx.training.magsd`), and model
 inputs are float32 ``keras.Input`` tensors, so a bf16 network (and its SavedModel export) still takes
 and returns float32.
@@ -25,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from covidx.layers.normalization import LowPrecisionBatchNormalization
+from covidx.layers.normalization import InferenceBatchNormalization
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -81,8 +81,8 @@ def precision_scope(precision: str | None):
         keras.mixed_precision.set_global_policy(previous)
 
 
-_LOW_PRECISION_BN = {k: v for k, v in keras.saving.serialize_keras_object(LowPrecisionBatchNormalization()).items()
-                     if k in ("module", "class_name", "registered_name")}
+_INFERENCE_BN = {k: v for k, v in keras.saving.serialize_keras_object(InferenceBatchNormalization()).items()
+                 if k in ("module", "class_name", "registered_name")}
 
 
 _ZEROS = keras.saving.serialize_keras_object(keras.initializers.Zeros())
@@ -173,30 +173,30 @@ def fold_batch_norms(model: keras.Model) -> keras.Model:
 
 
 def with_precision(model: keras.Model, precision: str | None) -> keras.Model:
-    """A copy of ``model`` computing in ``precision`` (same weights), e.g. a float32 checkpoint run in bf16
-    or a bf16-trained one run in fp32.
+    """An inference copy of ``model`` computing in ``precision`` (same weights), e.g. a float32 checkpoint run
+    in bf16 or a bf16-trained one run in fp32; ``None`` keeps each layer's own precision.
 
     Layers under one of covidx's policies (float32, mixed_bfloat16, mixed_float16) take the new one, except
-    the model's output layers, which stay as built (softmax and outputs in float32). In bf16/fp16,
-    BatchNormalization layers become :class:`~covidx.layers.normalization.LowPrecisionBatchNormalization`
-    (the same weights; the inference affine in the new dtype instead of a float32 round trip per layer).
-    The copy is for inference; what covidx's inference paths run is :func:`inference_copy` (BN folded
-    first). Returns ``model`` itself when nothing changes (e.g. fp32 for a float32 checkpoint).
+    the model's output layers, which stay as built (softmax and outputs in float32). BatchNormalization
+    layers become :class:`~covidx.layers.normalization.InferenceBatchNormalization` (the same weights; the
+    inference affine as one fused kernel in the feature map's dtype instead of element-wise passes and, in
+    bf16/fp16, a float32 round trip per layer). What covidx's inference paths run is :func:`inference_copy`
+    (BN folded into the convolutions first). Returns ``model`` itself when nothing changes.
     """
-    target = POLICIES[resolve_precision(precision)]
+    target = None if precision is None else POLICIES[resolve_precision(precision)]
     keep = {t._keras_history.operation.name for t in tf.nest.flatten(model.outputs)}
     config = model.get_config()
     changed = False
     for layer in config.get("layers", []):
+        if layer.get("class_name") == "BatchNormalization":
+            layer.update(_INFERENCE_BN)
+            changed = True
         dtype = layer["config"].get("dtype")
-        if (layer["config"].get("name") in keep or not isinstance(dtype, dict)
+        if (target is None or layer["config"].get("name") in keep or not isinstance(dtype, dict)
                 or dtype.get("config", {}).get("name") not in POLICIES.values()):
             continue
         if dtype["config"]["name"] != target:
             dtype["config"]["name"] = target
-            changed = True
-        if target != "float32" and layer.get("class_name") == "BatchNormalization":  # affine in bf16/fp16
-            layer.update(_LOW_PRECISION_BN)
             changed = True
     if not changed:
         return model
@@ -209,7 +209,7 @@ def inference_copy(model: keras.Model, precision: str | None = None) -> keras.Mo
     """The network as covidx's inference paths run it (evaluate, predict, export, the benchmarks): every
     ``Conv2D -> BatchNormalization`` pair folded into one convolution (:func:`fold_batch_norms`, in any
     precision: at float32 the fold changes outputs by float rounding only, and saves one pass over the feature
-    map per BN), then computed in ``precision`` (:func:`with_precision`; ``None`` keeps the checkpoint's own).
+    map per BN), the other BNs as one fused kernel each, computed in ``precision`` (:func:`with_precision`;
+    ``None`` keeps the checkpoint's own).
     """
-    model = fold_batch_norms(model)
-    return model if precision is None else with_precision(model, precision)
+    return with_precision(fold_batch_norms(model), precision)

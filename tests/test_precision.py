@@ -59,14 +59,16 @@ def test_with_precision_keeps_weights_and_float32_outputs():
     out = bf16(x)
     assert out.dtype == "float32"
     np.testing.assert_allclose(np.asarray(out), np.asarray(net(x)), atol=0.02)
-    assert with_precision(net, "fp32") is net
+    fp32 = with_precision(net, "fp32")
+    assert with_precision(fp32, "fp32") is fp32 and with_precision(fp32, None) is fp32  # nothing left to change
     with precision_scope("bf16"):
         assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
-def test_low_precision_batchnorm_is_batchnorm_with_its_inference_affine_in_bf16(tmp_path):
-    from covidx.layers import LowPrecisionBatchNormalization
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_inference_batchnorm_is_batchnorm_as_one_kernel_in_the_input_dtype(dtype):
+    from covidx.layers import InferenceBatchNormalization
 
     rng = np.random.default_rng(0)
     x = rng.normal(3.0, 2.0, (4, 5, 5, 6)).astype("float32")
@@ -75,21 +77,27 @@ def test_low_precision_batchnorm_is_batchnorm_with_its_inference_affine_in_bf16(
     ref.set_weights([rng.uniform(0.5, 2, 6), rng.normal(0, 1, 6), rng.normal(3, 1, 6), rng.uniform(1, 5, 6)])
     gamma, beta, mean, var = ref.get_weights()
     want = (x - mean) / np.sqrt(var + 1e-3) * gamma + beta  # NumPy, float64
-    with precision_scope("bf16"):
-        low = LowPrecisionBatchNormalization(epsilon=1e-3)
-        low.build(x.shape)
-    low.set_weights(ref.get_weights())
-    y = low(tf.cast(x, "bfloat16"), training=False)
-    assert y.dtype == tf.bfloat16  # no float32 round trip at inference
-    np.testing.assert_allclose(np.asarray(tf.cast(y, "float32")), want, rtol=0.02, atol=0.05)
+    policy = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[dtype]
+    with precision_scope({"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]):
+        fused = InferenceBatchNormalization(epsilon=1e-3)
+        fused.build(x.shape)
+    assert fused.dtype_policy.name == policy
+    fused.set_weights(ref.get_weights())
+    fn = tf.function(lambda t: fused(t, training=False))
+    y = fn(tf.cast(x, dtype))
+    assert y.dtype == dtype  # no float32 round trip at inference
+    ops = {op.type for op in fn.get_concrete_function(tf.TensorSpec(x.shape, dtype)).graph.get_operations()}
+    assert "FusedBatchNormV3" in ops and "Rsqrt" not in ops  # one kernel, not Keras' element-wise chain
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=0.02, atol=0.05)
+    np.testing.assert_allclose(np.asarray(tf.cast(y, "float32")), want, **tol)
     np.testing.assert_allclose(np.asarray(ref(x, training=False)), want, rtol=1e-5, atol=1e-5)
-    # Training (batch statistics) is the parent's float32 path, and so is a float32 input.
-    np.testing.assert_allclose(np.asarray(tf.cast(low(tf.cast(x, "bfloat16"), training=True), "float32")),
-                               np.asarray(ref(tf.cast(tf.cast(x, "bfloat16"), "float32"), training=True)), atol=0.05)
-    float_low = LowPrecisionBatchNormalization(epsilon=1e-3)
-    float_low.build(x.shape)
-    float_low.set_weights([gamma, beta, mean, var])  # ref's moving statistics moved in its training call
-    np.testing.assert_allclose(np.asarray(float_low(x, training=False)), want, rtol=1e-5, atol=1e-5)
+    # Training (batch statistics) and 2-D inputs are the parent's path.
+    np.testing.assert_allclose(np.asarray(tf.cast(fused(tf.cast(x, dtype), training=True), "float32")),
+                               np.asarray(ref(tf.cast(tf.cast(x, dtype), "float32"), training=True)), **tol)
+    flat = InferenceBatchNormalization(epsilon=1e-3)
+    flat.build((4, 6))
+    flat.set_weights([gamma, beta, mean, var])
+    np.testing.assert_allclose(np.asarray(flat(x[:, 0, 0], training=False)), want[:, 0, 0], rtol=1e-5, atol=1e-5)
 
 
 def randomise_batch_norms(model, rng):
@@ -133,7 +141,7 @@ def test_fold_batch_norms_merges_each_conv_bn_pair_and_nothing_else():
 
 
 def test_inference_copy_folds_swaps_batchnorm_and_reloads_in_safe_mode(tmp_path):
-    from covidx.layers import LowPrecisionBatchNormalization
+    from covidx.layers import InferenceBatchNormalization
 
     keras.utils.set_random_seed(0)
     net = small_net()
@@ -141,10 +149,10 @@ def test_inference_copy_folds_swaps_batchnorm_and_reloads_in_safe_mode(tmp_path)
     x = np.random.default_rng(0).uniform(0, 1, (4, 16, 16, 1)).astype("float32")
     fp32 = inference_copy(net)  # the checkpoint's own precision: folded, float rounding apart the same network
     assert type(fp32.get_layer("conv_bn")) is keras.layers.Conv2D and "conv" not in {l.name for l in fp32.layers}
-    assert type(fp32.get_layer("bn")) is keras.layers.BatchNormalization
+    assert type(fp32.get_layer("bn")) is InferenceBatchNormalization  # pre-activation: stays BN, one kernel
     np.testing.assert_allclose(np.asarray(fp32(x)), np.asarray(net(x)), rtol=1e-5, atol=1e-6)
     bf16 = inference_copy(net, "bf16")
-    assert isinstance(bf16.get_layer("bn"), LowPrecisionBatchNormalization)
+    assert isinstance(bf16.get_layer("bn"), InferenceBatchNormalization)
     assert type(bf16.get_layer("conv_bn")) is keras.layers.Conv2D  # folded into its convolution
     assert bf16.get_layer("conv_bn").dtype_policy.name == "mixed_bfloat16"
     assert type(net.get_layer("bn")) is keras.layers.BatchNormalization  # the original is untouched

@@ -10,6 +10,7 @@ X-ray model code, see torchxrayvision#89 and COVID-Net#102).
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -18,6 +19,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 MODES = ("imagenet", "caffe", "symmetric", "unit", "zscore", "raw")
+
+# tf.nn.fused_batch_norm raises a smaller epsilon to this; InferenceBatchNormalization falls back below it.
+FUSED_BN_MIN_EPSILON = 1.001e-5
 
 # PyTorch's BatchNorm momentum 0.1 in Keras' convention (moving = momentum * moving + (1 - momentum) * batch).
 TORCH_BN_MOMENTUM = 0.9
@@ -99,28 +103,32 @@ class ImageNormalization(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="covidx")
-class LowPrecisionBatchNormalization(keras.layers.BatchNormalization):
-    """``BatchNormalization`` whose inference affine runs in the layer's bf16/fp16 compute dtype.
+class InferenceBatchNormalization(keras.layers.BatchNormalization):
+    """``BatchNormalization`` whose inference is one fused kernel, in the input's own dtype.
 
-    Keras' layer upcasts bfloat16/float16 inputs to float32 at every call, which training needs (batch
-    moments of low-precision activations lose the mean or overflow), but at inference BN is one
-    per-channel affine ``x * scale + shift``: here ``scale = gamma / sqrt(var + eps)`` and
-    ``shift = beta - mean * scale`` are computed in float32 and applied in the input's dtype, as PyTorch's
-    autocast does, so no float32 copy of every feature map is made. Training, masks and float32 inputs take
-    the parent's path; weights and config are the parent's (a float32 checkpoint's BN layers load as is).
-    :func:`covidx.precision.with_precision` swaps it in for inference in bf16/fp16.
+    At inference BN is one per-channel affine ``x * scale + shift`` (``scale = gamma / sqrt(var + eps)``,
+    ``shift = beta - mean * scale``). Keras computes it as separate element-wise operations, each a pass over
+    the feature map, and upcasts bfloat16/float16 inputs to float32 first (which training needs: batch moments
+    of low-precision activations lose the mean or overflow). Here a 4-D channels-last input goes through
+    TensorFlow's ``FusedBatchNormV3`` (oneDNN on CPUs; Grappler fuses a following ReLU into it), with the
+    statistics in float32 and the feature map in its own dtype, as PyTorch's eval-mode BN and autocast do: no
+    float32 copy of a bf16 map, one pass over it instead of three.
+
+    Training, masks, other layouts and an epsilon below the fused kernel's floor (1.001e-5) take the parent's
+    path; weights and config are the parent's, so a checkpoint's BN layers load into it as they are.
+    :func:`covidx.precision.with_precision` swaps it in for inference.
     """
 
     def call(self, inputs, training=None, mask=None):
+        axis = self.axis if self.axis >= 0 else self.axis + len(inputs.shape)
         dtype = keras.backend.standardize_dtype(inputs.dtype)
-        if (training and self.trainable) or mask is not None or dtype not in ("bfloat16", "float16"):
+        if ((training and self.trainable) or mask is not None or len(inputs.shape) != 4 or axis != 3
+                or self.epsilon < FUSED_BN_MIN_EPSILON or dtype not in ("float32", "bfloat16", "float16")):
             return super().call(inputs, training=training, mask=mask)
-        scale = ops.rsqrt(ops.cast(self.moving_variance, "float32") + self.epsilon)
-        if self.scale:
-            scale = scale * ops.cast(self.gamma, "float32")
-        shift = -ops.cast(self.moving_mean, "float32") * scale
-        if self.center:
-            shift = shift + ops.cast(self.beta, "float32")
-        shape = [1] * len(inputs.shape)
-        shape[self.axis] = inputs.shape[self.axis]
-        return inputs * ops.reshape(ops.cast(scale, dtype), shape) + ops.reshape(ops.cast(shift, dtype), shape)
+        mean = ops.cast(self.moving_mean, "float32")
+        scale = ops.cast(self.gamma, "float32") if self.scale else ops.ones_like(mean)
+        offset = ops.cast(self.beta, "float32") if self.center else ops.zeros_like(mean)
+        y, _, _ = tf.compat.v1.nn.fused_batch_norm(inputs, scale, offset, mean=mean,
+                                                   variance=ops.cast(self.moving_variance, "float32"),
+                                                   epsilon=self.epsilon, is_training=False)
+        return y
