@@ -86,6 +86,7 @@ _INFERENCE_BN = {k: v for k, v in keras.saving.serialize_keras_object(InferenceB
 
 
 _ZEROS = keras.saving.serialize_keras_object(keras.initializers.Zeros())
+FOLDABLE = ("Conv2D", "DepthwiseConv2D")  # linear per-output-channel layers a following BN can fold into
 
 
 def _history(value) -> list:
@@ -101,7 +102,7 @@ def _history(value) -> list:
 
 def _foldable_pairs(config: dict) -> dict[str, str]:
     """``{batch_norm_name: conv_name}`` for BNs over the channel (last) axis whose one input is a
-    ``Conv2D`` without activation whose output nothing else uses."""
+    ``Conv2D`` / ``DepthwiseConv2D`` without activation whose output nothing else uses."""
     layers = {layer["name"]: layer for layer in config["layers"]}
     uses: dict[str, int] = {}
     for layer in config["layers"]:
@@ -117,32 +118,15 @@ def _foldable_pairs(config: dict) -> dict[str, str]:
         if len(sources) != 1 or layer["config"].get("axis") not in (-1, 3, [-1], [3]):
             continue
         conv = layers.get(sources[0][0])
-        if (conv is not None and conv["class_name"] == "Conv2D" and uses.get(conv["name"]) == 1
+        if (conv is not None and conv["class_name"] in FOLDABLE and uses.get(conv["name"]) == 1
                 and len(conv.get("inbound_nodes", [])) == 1 and conv["config"].get("activation") == "linear"
                 and conv["config"].get("data_format", "channels_last") == "channels_last"):
             pairs[layer["name"]] = conv["name"]
     return pairs
 
 
-def fold_batch_norms(model: keras.Model) -> keras.Model:
-    """An inference copy of ``model`` with every ``Conv2D -> BatchNormalization`` pair merged into one
-    convolution (ResNet-type post-activation networks; a pre-activation BN, e.g. DenseNet's or DPN's,
-    follows a ReLU or a concatenation and stays).
-
-    At inference BN is ``y = (x - mean) * g / sqrt(var + eps) + beta``, so with
-    ``s = g / sqrt(var + eps)`` the pair equals a convolution with kernel ``W * s`` (per output
-    channel) and bias ``(b - mean) * s + beta``, computed here in float64 from the float32 weights. The
-    merged layer takes the BN layer's name (so layer names downstream, e.g. Grad-CAM targets, still
-    resolve); the convolution's own name, whose output no longer exists, is gone. Only the top level of a
-    functional model is folded; the copy is for inference, not for training (it has no BN to update).
-    Returns ``model`` itself when nothing folds.
-    """
-    config = model.get_config()
-    if "layers" not in config:
-        return model
-    pairs = _foldable_pairs(config)
-    if not pairs:
-        return model
+def _fold(config: dict, pairs: dict[str, str]) -> dict:
+    """``config`` with each folded pair's convolution in its BN's place (named after the BN, with a bias)."""
     convs = {layer["name"]: layer for layer in config["layers"] if layer["name"] in pairs.values()}
     layers = []
     for layer in config["layers"]:
@@ -154,38 +138,29 @@ def fold_batch_norms(model: keras.Model) -> keras.Model:
                      "config": {**conv["config"], "name": layer["name"], "use_bias": True, "bias_constraint": None,
                                 "bias_regularizer": None, "bias_initializer": _ZEROS}}
         layers.append(layer)
-    copy = model.__class__.from_config({**config, "layers": layers})
-    for layer in copy.layers:
-        if layer.name in pairs:
-            conv, bn = model.get_layer(pairs[layer.name]), model.get_layer(layer.name)
-            kernel = np.asarray(conv.kernel, np.float64)
-            bias = np.asarray(conv.bias, np.float64) if conv.use_bias else np.zeros(kernel.shape[-1])
-            scale = 1.0 / np.sqrt(np.asarray(bn.moving_variance, np.float64) + bn.epsilon)
-            if bn.scale:
-                scale = scale * np.asarray(bn.gamma, np.float64)
-            shift = -np.asarray(bn.moving_mean, np.float64) * scale
-            if bn.center:
-                shift = shift + np.asarray(bn.beta, np.float64)
-            layer.set_weights([(kernel * scale).astype("float32"), (bias * scale + shift).astype("float32")])
-        elif layer.weights:
-            layer.set_weights(model.get_layer(layer.name).get_weights())
-    return copy
+    return {**config, "layers": layers}
 
 
-def with_precision(model: keras.Model, precision: str | None) -> keras.Model:
-    """An inference copy of ``model`` computing in ``precision`` (same weights), e.g. a float32 checkpoint run
-    in bf16 or a bf16-trained one run in fp32; ``None`` keeps each layer's own precision.
+def _folded_weights(conv, bn) -> list[np.ndarray]:
+    """Kernel ``W * s`` and bias ``(b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)``, in float64."""
+    kernel = np.asarray(conv.kernel, np.float64)
+    scale = 1.0 / np.sqrt(np.asarray(bn.moving_variance, np.float64) + bn.epsilon)
+    if bn.scale:
+        scale = scale * np.asarray(bn.gamma, np.float64)
+    shift = -np.asarray(bn.moving_mean, np.float64) * scale
+    if bn.center:
+        shift = shift + np.asarray(bn.beta, np.float64)
+    bias = np.asarray(conv.bias, np.float64) if conv.use_bias else np.zeros_like(scale)
+    # A depthwise kernel is (h, w, in, multiplier); its output channel i * multiplier + j is [..., i, j].
+    kernel_scale = scale.reshape(kernel.shape[2:]) if isinstance(conv, keras.layers.DepthwiseConv2D) else scale
+    return [(kernel * kernel_scale).astype("float32"), (bias * scale + shift).astype("float32")]
 
-    Layers under one of covidx's policies (float32, mixed_bfloat16, mixed_float16) take the new one, except
-    the model's output layers, which stay as built (softmax and outputs in float32). BatchNormalization
-    layers become :class:`~covidx.layers.normalization.InferenceBatchNormalization` (the same weights; the
-    inference affine as one fused kernel in the feature map's dtype instead of element-wise passes and, in
-    bf16/fp16, a float32 round trip per layer). What covidx's inference paths run is :func:`inference_copy`
-    (BN folded into the convolutions first). Returns ``model`` itself when nothing changes.
-    """
+
+def _set_precision(model: keras.Model, config: dict, precision: str | None) -> bool:
+    """Turn ``config``'s BatchNormalization layers into :class:`InferenceBatchNormalization` and, for a
+    ``precision``, set every layer under a covidx policy but the outputs to it; whether anything changed."""
     target = None if precision is None else POLICIES[resolve_precision(precision)]
     keep = {t._keras_history.operation.name for t in tf.nest.flatten(model.outputs)}
-    config = model.get_config()
     changed = False
     for layer in config.get("layers", []):
         if layer.get("class_name") == "BatchNormalization":
@@ -198,11 +173,51 @@ def with_precision(model: keras.Model, precision: str | None) -> keras.Model:
         if dtype["config"]["name"] != target:
             dtype["config"]["name"] = target
             changed = True
-    if not changed:
-        return model
+    return changed
+
+
+def _rebuild(model: keras.Model, config: dict, pairs: dict[str, str]) -> keras.Model:
+    """``config`` built, with ``model``'s weights layer by layer (the folded pairs' merged)."""
     copy = model.__class__.from_config(config)
-    copy.set_weights(model.get_weights())
+    for layer in copy.layers:
+        if layer.name in pairs:
+            layer.set_weights(_folded_weights(model.get_layer(pairs[layer.name]), model.get_layer(layer.name)))
+        elif layer.weights:
+            layer.set_weights(model.get_layer(layer.name).get_weights())
     return copy
+
+
+def fold_batch_norms(model: keras.Model) -> keras.Model:
+    """An inference copy of ``model`` with every ``Conv2D`` (or ``DepthwiseConv2D``) ``-> BatchNormalization``
+    pair merged into one convolution (ResNet-type post-activation networks, EfficientNet; a pre-activation BN,
+    e.g. DenseNet's or DPN's first, follows a ReLU or a concatenation and stays).
+
+    At inference BN is ``y = (x - mean) * g / sqrt(var + eps) + beta``, so with
+    ``s = g / sqrt(var + eps)`` the pair equals a convolution with kernel ``W * s`` (per output
+    channel) and bias ``(b - mean) * s + beta``, computed here in float64 from the float32 weights. The
+    merged layer takes the BN layer's name (so layer names downstream, e.g. Grad-CAM targets, still
+    resolve); the convolution's own name, whose output no longer exists, is gone. Only the top level of a
+    functional model is folded; the copy is for inference, not for training (it has no BN to update).
+    Returns ``model`` itself when nothing folds.
+    """
+    config = model.get_config()
+    pairs = _foldable_pairs(config) if "layers" in config else {}
+    return _rebuild(model, _fold(config, pairs), pairs) if pairs else model
+
+
+def with_precision(model: keras.Model, precision: str | None) -> keras.Model:
+    """An inference copy of ``model`` computing in ``precision`` (same weights), e.g. a float32 checkpoint run
+    in bf16 or a bf16-trained one run in fp32; ``None`` keeps each layer's own precision.
+
+    Layers under one of covidx's policies (float32, mixed_bfloat16, mixed_float16) take the new one, except
+    the model's output layers, which stay as built (softmax and outputs in float32). BatchNormalization
+    layers become :class:`~covidx.layers.normalization.InferenceBatchNormalization` (the same weights; the
+    inference affine as one fused kernel in the feature map's dtype instead of element-wise passes and, in
+    bf16/fp16, a float32 round trip per layer). What covidx's inference paths run is :func:`inference_copy`
+    (BN folded into the convolutions as well). Returns ``model`` itself when nothing changes.
+    """
+    config = model.get_config()
+    return _rebuild(model, config, {}) if _set_precision(model, config, precision) else model
 
 
 def inference_copy(model: keras.Model, precision: str | None = None) -> keras.Model:
@@ -210,6 +225,10 @@ def inference_copy(model: keras.Model, precision: str | None = None) -> keras.Mo
     ``Conv2D -> BatchNormalization`` pair folded into one convolution (:func:`fold_batch_norms`, in any
     precision: at float32 the fold changes outputs by float rounding only, and saves one pass over the feature
     map per BN), the other BNs as one fused kernel each, computed in ``precision`` (:func:`with_precision`;
-    ``None`` keeps the checkpoint's own).
+    ``None`` keeps the checkpoint's own). One copy is built for both.
     """
-    return with_precision(fold_batch_norms(model), precision)
+    config = model.get_config()
+    pairs = _foldable_pairs(config) if "layers" in config else {}
+    config = _fold(config, pairs) if pairs else config
+    changed = _set_precision(model, config, precision)
+    return _rebuild(model, config, pairs) if pairs or changed else model

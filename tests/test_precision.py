@@ -119,13 +119,16 @@ def test_fold_batch_norms_merges_each_conv_bn_pair_and_nothing_else():
     d = layers.Conv2D(4, 1, activation="relu", name="d")(inputs)
     d = layers.BatchNormalization(name="d_bn")(d)  # after the convolution's ReLU: cannot fold
     e = layers.BatchNormalization(name="e_bn")(layers.Concatenate(name="cat")([a, b]))  # not after a convolution
-    x = layers.Concatenate(name="out_cat")([layers.Add(name="add")([a, b, c, d, shared]), e])
+    f = layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2, name="f")(layers.Concatenate()([a, a]))
+    f = layers.BatchNormalization(name="f_bn")(f)  # 16 channels: (input channel, multiplier) pairs
+    x = layers.Concatenate(name="out_cat")([layers.Add(name="add")([a, b, c, d, shared]), e, f])
     net = keras.Model(inputs, layers.GlobalAveragePooling2D(name="gap")(x))
     randomise_batch_norms(net, rng)
     folded = fold_batch_norms(net)
 
     kinds = {layer.name: type(layer).__name__ for layer in folded.layers}
     assert kinds["a_bn"] == kinds["b_bn"] == "Conv2D" and "a" not in kinds and "b" not in kinds
+    assert kinds["f_bn"] == "DepthwiseConv2D" and "f" not in kinds
     assert {kinds[n] for n in ("c_bn", "d_bn", "e_bn")} == {"BatchNormalization"}
     assert kinds["shared"] == kinds["d"] == "Conv2D"
     x = rng.normal(0, 1, (3, 12, 12, 2)).astype("float32")
