@@ -183,8 +183,8 @@ def tf_worker(args):
         net = create_model(COVIDX_MODEL[row], num_classes=NUM_CLASSES, image_size=size, channels=channels)
         x = tf.constant(rng.uniform(0, 255, (batch, size, size, channels)).astype("float32"))
         if kind == "infer":
-            # What predict / evaluate / export run: the float32 checkpoint's inference copy (BN folded into the
-            # convolutions before it, in bf16 for the -bf16 row).
+            # What predict / evaluate / export run: the checkpoint's inference copy (BN folded into the
+            # convolutions, the other BNs fused kernels; in bf16 for the -bf16 row).
             net = inference_copy(net, "bf16" if row.endswith("-bf16") else None)
             fn = tf.function(lambda t: net(t, training=False), jit_compile=args.tf_jit)
 

@@ -110,9 +110,9 @@ class InferenceBatchNormalization(keras.layers.BatchNormalization):
     ``shift = beta - mean * scale``). Keras computes it as separate element-wise operations, each a pass over
     the feature map, and upcasts bfloat16/float16 inputs to float32 first (which training needs: batch moments
     of low-precision activations lose the mean or overflow). Here a 4-D channels-last input goes through
-    TensorFlow's ``FusedBatchNormV3`` (oneDNN on CPUs; Grappler fuses a following ReLU into it), with the
-    statistics in float32 and the feature map in its own dtype, as PyTorch's eval-mode BN and autocast do: no
-    float32 copy of a bf16 map, one pass over it instead of three.
+    TensorFlow's ``FusedBatchNormV3`` (oneDNN on CPUs), with the statistics in float32 and the feature map in
+    its own dtype, as PyTorch's eval-mode BN and autocast do: no float32 copy of a bf16 map, one pass over it
+    instead of two or more.
 
     Training, masks, other layouts and an epsilon below the fused kernel's floor (1.001e-5) take the parent's
     path; weights and config are the parent's, so a checkpoint's BN layers load into it as they are.
