@@ -201,6 +201,32 @@ def write_png(path, img):
     return str(path)
 
 
+def test_stages_run_as_inference_copies_and_reload_as_such(tmp_path):
+    """Every cascade path runs each stage's inference copy: SEME-ResNet50's BNs folded into its convolutions,
+    SEME-DenseNet169's pre-activation BNs one fused kernel each; the same outputs as the stages as trained."""
+    from covidx.layers import InferenceBatchNormalization
+    from tests.test_precision import randomise_batch_norms
+
+    probe = tiny_cascade_model()
+    stage1, stage2 = probe.get_layer("stage1_seme_resnet50"), probe.get_layer("stage2_seme_densenet169")
+    rng = np.random.default_rng(0)
+    for stage in (stage1, stage2):
+        randomise_batch_norms(stage, rng)
+    cascade = S.CascadeSEME(stage1, stage2, 0.3)
+    x = rng.uniform(0, 255, (3, 32, 32, 1)).astype(np.float32)
+    for trained, running in ((stage1, cascade.stage1), (stage2, cascade.stage2)):
+        kinds = [type(layer) for layer in running.layers]
+        assert keras.layers.BatchNormalization not in kinds
+        assert any(type(layer) is keras.layers.BatchNormalization for layer in trained.layers)  # untouched
+        np.testing.assert_allclose(np.asarray(running(x)), np.asarray(trained(x)), rtol=1e-4, atol=1e-5)
+    assert InferenceBatchNormalization not in {type(layer) for layer in cascade.stage1.layers}  # all folded
+    assert InferenceBatchNormalization in {type(layer) for layer in cascade.stage2.layers}
+    cascade.save(tmp_path / "c")
+    loaded = S.CascadeSEME.load(tmp_path / "c")
+    assert [type(layer) for layer in loaded.stage2.layers] == [type(layer) for layer in cascade.stage2.layers]
+    np.testing.assert_array_equal(np.asarray(loaded.stage1(x)), np.asarray(cascade.stage1(x)))
+
+
 def test_save_load_roundtrip_and_export_match_python(tmp_path):
     probe = tiny_cascade_model()
     stage1, stage2 = probe.get_layer("stage1_seme_resnet50"), probe.get_layer("stage2_seme_densenet169")

@@ -60,6 +60,21 @@ def test_routing_returns_masks_only_for_segmented_classes():
     assert np.mean(expected == r.masks[0]) > 0.98  # bilinear kernels of TF and OpenCV agree up to rounding
 
 
+def test_both_models_run_as_inference_copies():
+    """The segmenter's BNs run as one fused kernel each; outputs as the trained models'."""
+    from covidx.layers import InferenceBatchNormalization
+    from tests.test_precision import randomise_batch_norms
+
+    clf, seg = brightness_classifier(), tiny_segmenter()
+    randomise_batch_norms(seg, np.random.default_rng(0))
+    pred = TwoStagePredictor(clf, seg, CLASSES)
+    kinds = {type(layer) for layer in pred.segmenter.layers}
+    assert InferenceBatchNormalization in kinds and keras.layers.BatchNormalization not in kinds
+    x = batch()[:, :32, :32, None]
+    np.testing.assert_allclose(np.asarray(pred.segmenter(x)), np.asarray(seg(x)), rtol=1e-4, atol=1e-5)
+    assert pred.classifier is clf  # no BN: nothing to change, the model itself
+
+
 def test_overlay_mask_blends_red_only_inside():
     img = np.full((4, 4), 100.0)
     m = np.zeros((4, 4), bool)

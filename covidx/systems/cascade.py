@@ -67,6 +67,7 @@ from covidx.explain.runs import registered_layer
 from covidx.layers.cascade import FINAL_CLASSES, SENTINEL, CascadeGate, class_maps
 from covidx.models.cascade import build_cascade_model
 from covidx.models.resnet import STAGE1
+from covidx.precision import inference_copy
 from covidx.runs import as_run
 from covidx.systems.folder import read_folder, write_folder
 from covidx.tasks import LUNG_INDEX, STAGE1_CLASSES, STAGE2_CLASSES
@@ -155,7 +156,8 @@ class CascadeSEME:
     """Cascade-SEME (§4, Fig. 2): stage 1 -> ``Vir_n > Th_vir`` -> stage 2 (on the lung region).
 
     Args:
-        stage1, stage2: trained Keras classifiers (pixels in [0, 255] -> softmax).
+        stage1, stage2: trained Keras classifiers (pixels in [0, 255] -> softmax); the cascade runs and saves
+            their inference copies (:func:`covidx.precision.inference_copy`), as it does the lung segmenter's.
         threshold: ``Th_vir`` (:func:`calibrate_threshold`).
         stage1_classes, stage2_classes: their output classes (tasks ``stage1`` / ``stage2``).
         lung_segmenter: optional lung U-Net; stage 2 then sees ``image · argmax mask`` (§4.D).
@@ -170,7 +172,10 @@ class CascadeSEME:
                  stage2_preprocess: PreprocessConfig | None = None,
                  lung_preprocess: PreprocessConfig | None = None,
                  calibration: dict | None = None, lung_index: int = LUNG_INDEX):
-        self.stage1, self.stage2, self.lung = stage1, stage2, lung_segmenter
+        # Every path (predict, explain, the export, save) runs each stage's inference copy: BN folded into
+        # its convolutions, the others one fused kernel; outputs equal the checkpoint's within float rounding.
+        self.stage1, self.stage2 = inference_copy(stage1), inference_copy(stage2)
+        self.lung = None if lung_segmenter is None else inference_copy(lung_segmenter)
         self.stage1_classes, self.stage2_classes = tuple(stage1_classes), tuple(stage2_classes)
         self.gate = CascadeGate(threshold, *class_maps(self.stage1_classes, self.stage2_classes), name="cascade_gate")
         self.stage1_preprocess = stage1_preprocess or PreprocessConfig.for_model(stage1)
@@ -330,6 +335,7 @@ class CascadeSEME:
         """
         r1, r2 = as_run(stage1_run), as_run(stage2_run)
         rl = None if lung_run is None else as_run(lung_run)
+        stage1 = inference_copy(r1.model)  # calibrated on the network the cascade runs
         viral_index = class_maps(r1.class_names, r2.class_names)[0]
         if threshold is not None:
             calibration = {"method": "given", "value": float(threshold)}
@@ -341,7 +347,7 @@ class CascadeSEME:
             if table.empty:
                 raise ValueError(f"{r1.directory}/split.csv has no {split!r} rows to calibrate Th_vir")
             ds = make_dataset(table, r1.task, r1.preprocess, batch_size=batch_size, cache=False, ignore_errors=False)
-            p = stage1_viral_probabilities(r1.model, ds, viral_index, reference)
+            p = stage1_viral_probabilities(stage1, ds, viral_index, reference)
             if p.size == 0:
                 raise ValueError(f"no {reference!r} images in the {split!r} split of {r1.directory}")
             threshold = float(np.mean(p, dtype=np.float64))
@@ -349,6 +355,6 @@ class CascadeSEME:
                            "size": int(p.size), "value": threshold, "stage1_run": str(r1.directory)}
         calibration["runs"] = {"stage1": str(r1.checkpoint), "stage2": str(r2.checkpoint),
                                "lung": None if rl is None else str(rl.checkpoint)}
-        return cls(r1.model, r2.model, threshold, r1.class_names, r2.class_names,
+        return cls(stage1, r2.model, threshold, r1.class_names, r2.class_names,
                    None if rl is None else rl.model, r1.preprocess, r2.preprocess,
                    None if rl is None else rl.preprocess, calibration)

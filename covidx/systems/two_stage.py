@@ -30,6 +30,7 @@ from covidx.data.preprocess import PreprocessConfig
 from covidx.explain.gradcam import GradCAM
 from covidx.explain.overlay import display_gray, overlay_heatmap, overlay_mask, save_png
 from covidx.explain.runs import registered_layer
+from covidx.precision import inference_copy
 from covidx.runs import as_run
 from covidx.systems.folder import read_folder, write_folder
 
@@ -84,7 +85,8 @@ class TwoStagePredictor:
 
     Args:
         classifier: covidx classifier (softmax output), [0, 255] pixels.
-        segmenter: covidx two-class segmenter (per-pixel softmax, background / lesion).
+        segmenter: covidx two-class segmenter (per-pixel softmax, background / lesion). Both run (and save)
+            as their inference copies (:func:`covidx.precision.inference_copy`).
         class_names: the classifier's class names, in output order.
         segment_classes: classes whose images are segmented (paper: COVID-19 and pneumonia).
         classifier_preprocess, segmenter_preprocess: each model's :class:`PreprocessConfig`;
@@ -95,7 +97,7 @@ class TwoStagePredictor:
                  segment_classes: Sequence[str] = ("covid19", "pneumonia"),
                  classifier_preprocess: PreprocessConfig | None = None,
                  segmenter_preprocess: PreprocessConfig | None = None):
-        self.classifier, self.segmenter = classifier, segmenter
+        self.classifier, self.segmenter = inference_copy(classifier), inference_copy(segmenter)
         self.class_names = list(class_names)
         if len(self.class_names) != classifier.outputs[0].shape[-1]:
             raise ValueError(f"{len(self.class_names)} class names for {classifier.outputs[0].shape[-1]} outputs")
