@@ -3,10 +3,11 @@
 ``bf16`` and ``fp16`` are Keras mixed-precision policies (``mixed_bfloat16`` / ``mixed_float16``):
 variables stay float32, convolutions and matmuls run in the 16-bit type. Where the numbers need the
 range, covidx keeps float32 regardless of the policy: every classifier's softmax layer is built with
-``dtype="float32"``, Keras' BatchNormalization normalises and keeps its moving statistics in float32
-(in the inference copy of a checkpoint, :func:`inference_copy`, a BN right after a convolution is folded
-into that convolution's kernel and bias in float64, and any other BN's per-channel affine is one fused
-kernel in the feature map's type, with its statistics in float32),
+``dtype="float32"``, BatchNormalization keeps its moving statistics and computes the batch moments in
+float32 (training runs it as one fused kernel, :func:`fused_batch_norms`; in the inference copy of a
+checkpoint, :func:`inference_copy`, a BN right after a convolution is folded into that convolution's
+kernel and bias in float64, and any other BN's per-channel affine is one fused kernel in the feature
+map's type, with its statistics in float32),
 the losses cast to float32 (:mod:`covidx.training.moex`, :mod:`covidx.training.magsd`), and model
 inputs are float32 ``keras.Input`` tensors, so a bf16 network (and its SavedModel export) still takes
 and returns float32.
@@ -25,7 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from covidx.layers.normalization import InferenceBatchNormalization
+from covidx.layers.normalization import FusedBatchNormalization
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -81,8 +82,9 @@ def precision_scope(precision: str | None):
         keras.mixed_precision.set_global_policy(previous)
 
 
-_INFERENCE_BN = {k: v for k, v in keras.saving.serialize_keras_object(InferenceBatchNormalization()).items()
-                 if k in ("module", "class_name", "registered_name")}
+_FUSED_BN = {k: v for k, v in keras.saving.serialize_keras_object(FusedBatchNormalization()).items()
+             if k in ("module", "class_name", "registered_name")}
+BATCH_NORMS = ("BatchNormalization", _FUSED_BN["class_name"])  # a config's BN layers, Keras' or fused
 
 
 _ZEROS = keras.saving.serialize_keras_object(keras.initializers.Zeros())
@@ -112,7 +114,7 @@ def _foldable_pairs(config: dict) -> dict[str, str]:
         uses[name] = uses.get(name, 0) + 1
     pairs = {}
     for layer in config["layers"]:
-        if layer["class_name"] != "BatchNormalization" or len(layer.get("inbound_nodes", [])) != 1:
+        if layer["class_name"] not in BATCH_NORMS or len(layer.get("inbound_nodes", [])) != 1:
             continue
         sources = _history(layer["inbound_nodes"])
         if len(sources) != 1 or layer["config"].get("axis") not in (-1, 3, [-1], [3]):
@@ -157,14 +159,14 @@ def _folded_weights(conv, bn) -> list[np.ndarray]:
 
 
 def _set_precision(model: keras.Model, config: dict, precision: str | None) -> bool:
-    """Turn ``config``'s BatchNormalization layers into :class:`InferenceBatchNormalization` and, for a
+    """Turn ``config``'s BatchNormalization layers into :class:`FusedBatchNormalization` and, for a
     ``precision``, set every layer under a covidx policy but the outputs to it; whether anything changed."""
     target = None if precision is None else POLICIES[resolve_precision(precision)]
     keep = {t._keras_history.operation.name for t in tf.nest.flatten(model.outputs)}
     changed = False
     for layer in config.get("layers", []):
         if layer.get("class_name") == "BatchNormalization":
-            layer.update(_INFERENCE_BN)
+            layer.update(_FUSED_BN)
             changed = True
         dtype = layer["config"].get("dtype")
         if (target is None or layer["config"].get("name") in keep or not isinstance(dtype, dict)
@@ -205,13 +207,24 @@ def fold_batch_norms(model: keras.Model) -> keras.Model:
     return _rebuild(model, _fold(config, pairs), pairs) if pairs else model
 
 
+def fused_batch_norms(model: keras.Model) -> keras.Model:
+    """A copy of ``model`` whose BatchNormalization layers are :class:`FusedBatchNormalization` (the same
+    weights, config and results within float rounding): what covidx trains, since one fused kernel forward
+    and one backward replace Keras' chain of element-wise passes (the ResNet50 training step 1.2x, in bf16
+    1.4x; ``benchmarks/versus_torch.py``). Top-level layers only, as :func:`inference_copy`; returns
+    ``model`` itself when it has no Keras BN there. Build the copy under the distribution strategy's scope
+    the model was built in."""
+    config = model.get_config()
+    return _rebuild(model, config, {}) if _set_precision(model, config, None) else model
+
+
 def with_precision(model: keras.Model, precision: str | None) -> keras.Model:
     """An inference copy of ``model`` computing in ``precision`` (same weights), e.g. a float32 checkpoint run
     in bf16 or a bf16-trained one run in fp32; ``None`` keeps each layer's own precision.
 
     Layers under one of covidx's policies (float32, mixed_bfloat16, mixed_float16) take the new one, except
     the model's output layers, which stay as built (softmax and outputs in float32). BatchNormalization
-    layers become :class:`~covidx.layers.normalization.InferenceBatchNormalization` (the same weights; the
+    layers become :class:`~covidx.layers.normalization.FusedBatchNormalization` (the same weights; the
     inference affine as one fused kernel in the feature map's dtype instead of element-wise passes and, in
     bf16/fp16, a float32 round trip per layer). What covidx's inference paths run is :func:`inference_copy`
     (BN folded into the convolutions as well). Returns ``model`` itself when nothing changes.

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "tensor cores, else fp32 (softmax, losses and BN statistics stay float32)")
     ap.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=None,
                     help="XLA-compile the train step (default: on with a GPU, off on CPUs, where it is slower)")
+    ap.add_argument("--fused-batchnorm", action=argparse.BooleanOptionalAction, default=True,
+                    help="batch normalisation as one fused kernel forward and backward (default on; off: Keras' "
+                         "element-wise BN, the same results within float rounding)")
     ap.add_argument("--no-verify", dest="verify", action="store_false", help="skip the full decode check of every file")
     ap.add_argument("--steps-per-epoch", type=int, help="cap on steps per epoch (quick runs)")
     ap.add_argument("--synthetic-patients", type=int, default=60, help="patients (all classes) of the synthetic default")

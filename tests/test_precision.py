@@ -67,8 +67,8 @@ def test_with_precision_keeps_weights_and_float32_outputs():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_inference_batchnorm_is_batchnorm_as_one_kernel_in_the_input_dtype(dtype):
-    from covidx.layers import InferenceBatchNormalization
+def test_fused_batchnorm_inference_is_one_kernel_in_the_input_dtype(dtype):
+    from covidx.layers import FusedBatchNormalization
 
     rng = np.random.default_rng(0)
     x = rng.normal(3.0, 2.0, (4, 5, 5, 6)).astype("float32")
@@ -79,7 +79,7 @@ def test_inference_batchnorm_is_batchnorm_as_one_kernel_in_the_input_dtype(dtype
     want = (x - mean) / np.sqrt(var + 1e-3) * gamma + beta  # NumPy, float64
     policy = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[dtype]
     with precision_scope({"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]):
-        fused = InferenceBatchNormalization(epsilon=1e-3)
+        fused = FusedBatchNormalization(epsilon=1e-3)
         fused.build(x.shape)
     assert fused.dtype_policy.name == policy
     fused.set_weights(ref.get_weights())
@@ -91,13 +91,59 @@ def test_inference_batchnorm_is_batchnorm_as_one_kernel_in_the_input_dtype(dtype
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=0.02, atol=0.05)
     np.testing.assert_allclose(np.asarray(tf.cast(y, "float32")), want, **tol)
     np.testing.assert_allclose(np.asarray(ref(x, training=False)), want, rtol=1e-5, atol=1e-5)
-    # Training (batch statistics) and 2-D inputs are the parent's path.
-    np.testing.assert_allclose(np.asarray(tf.cast(fused(tf.cast(x, dtype), training=True), "float32")),
-                               np.asarray(ref(tf.cast(tf.cast(x, dtype), "float32"), training=True)), **tol)
-    flat = InferenceBatchNormalization(epsilon=1e-3)
+    # 2-D inputs are the parent's path.
+    flat = FusedBatchNormalization(epsilon=1e-3)
     flat.build((4, 6))
     flat.set_weights([gamma, beta, mean, var])
     np.testing.assert_allclose(np.asarray(flat(x[:, 0, 0], training=False)), want[:, 0, 0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_fused_batchnorm_trains_as_batchnorm_with_one_kernel_each_way(dtype):
+    """Training: batch mean and biased variance, Keras' moving-average update, gradients of BN, all by NumPy;
+    FusedBatchNormV3 forward and FusedBatchNormGradV3 backward instead of the element-wise chain."""
+    from covidx.layers import FusedBatchNormalization
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, (4, 5, 5, 6)).astype("float32")
+    w = rng.normal(0, 1, x.shape).astype("float32")  # loss = sum(w * y)
+    eps, momentum = 1e-3, 0.9
+    with precision_scope({"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]):
+        bn = FusedBatchNormalization(epsilon=eps, momentum=momentum)
+        bn.build(x.shape)
+    weights = [rng.uniform(0.5, 2, 6), rng.normal(0, 1, 6), rng.normal(3, 1, 6), rng.uniform(1, 5, 6)]
+    bn.set_weights(weights)
+    gamma, beta, moving_mean, moving_var = weights
+    xd = np.asarray(tf.cast(tf.cast(x, dtype), "float32"), np.float64)  # the input as the layer sees it
+    mean, var = xd.mean(axis=(0, 1, 2)), xd.var(axis=(0, 1, 2))  # biased, as Keras' BN
+    xhat = (xd - mean) / np.sqrt(var + eps)
+    want_y = xhat * gamma + beta
+    # d/dx of sum(w * y) for BN in training (the batch statistics depend on x too)
+    wm = w.reshape(-1, 6)
+    want_dx = gamma / np.sqrt(var + eps) * (w - wm.mean(0) - xhat * (wm * xhat.reshape(-1, 6)).mean(0))
+
+    @tf.function
+    def step(t):
+        with tf.GradientTape() as tape:
+            tape.watch(t)
+            y = bn(t, training=True)
+            loss = tf.reduce_sum(tf.cast(y, "float32") * w)
+        return y, tape.gradient(loss, [t, bn.gamma, bn.beta])
+
+    t = tf.cast(x, dtype)
+    y, (dx, dgamma, dbeta) = step(t)
+    assert y.dtype == dtype
+    ops = {op.type for op in step.get_concrete_function(tf.TensorSpec(x.shape, dtype)).graph.get_operations()}
+    assert {"FusedBatchNormV3", "FusedBatchNormGradV3"} <= ops and "Rsqrt" not in ops
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else dict(rtol=0.03, atol=0.06)
+    np.testing.assert_allclose(np.asarray(tf.cast(y, "float32")), want_y, **tol)
+    np.testing.assert_allclose(np.asarray(tf.cast(dx, "float32")), want_dx, **tol)
+    sums = dict(rtol=1e-4, atol=1e-3) if dtype == "float32" else dict(rtol=0.03, atol=0.1)  # over 100 values
+    np.testing.assert_allclose(np.asarray(dgamma), (w * xhat).sum(axis=(0, 1, 2)), **sums)
+    np.testing.assert_allclose(np.asarray(dbeta), w.sum(axis=(0, 1, 2)), **sums)
+    # one step of the moving averages (the traced function ran once): Keras' update, biased variance
+    np.testing.assert_allclose(np.asarray(bn.moving_mean), momentum * moving_mean + (1 - momentum) * mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(bn.moving_variance), momentum * moving_var + (1 - momentum) * var, rtol=1e-4, atol=1e-4)
 
 
 def randomise_batch_norms(model, rng):
@@ -144,7 +190,7 @@ def test_fold_batch_norms_merges_each_conv_bn_pair_and_nothing_else():
 
 
 def test_inference_copy_folds_swaps_batchnorm_and_reloads_in_safe_mode(tmp_path):
-    from covidx.layers import InferenceBatchNormalization
+    from covidx.layers import FusedBatchNormalization
 
     keras.utils.set_random_seed(0)
     net = small_net()
@@ -152,10 +198,10 @@ def test_inference_copy_folds_swaps_batchnorm_and_reloads_in_safe_mode(tmp_path)
     x = np.random.default_rng(0).uniform(0, 1, (4, 16, 16, 1)).astype("float32")
     fp32 = inference_copy(net)  # the checkpoint's own precision: folded, float rounding apart the same network
     assert type(fp32.get_layer("conv_bn")) is keras.layers.Conv2D and "conv" not in {l.name for l in fp32.layers}
-    assert type(fp32.get_layer("bn")) is InferenceBatchNormalization  # pre-activation: stays BN, one kernel
+    assert type(fp32.get_layer("bn")) is FusedBatchNormalization  # pre-activation: stays BN, one kernel
     np.testing.assert_allclose(np.asarray(fp32(x)), np.asarray(net(x)), rtol=1e-5, atol=1e-6)
     bf16 = inference_copy(net, "bf16")
-    assert isinstance(bf16.get_layer("bn"), InferenceBatchNormalization)
+    assert isinstance(bf16.get_layer("bn"), FusedBatchNormalization)
     assert type(bf16.get_layer("conv_bn")) is keras.layers.Conv2D  # folded into its convolution
     assert bf16.get_layer("conv_bn").dtype_policy.name == "mixed_bfloat16"
     assert type(net.get_layer("bn")) is keras.layers.BatchNormalization  # the original is untouched
@@ -196,8 +242,9 @@ def test_bf16_trains_saves_reloads_and_exports_float32(tmp_path):
     # An fp32 run's checkpoint evaluated / exported in bf16: float32 in and out, close to fp32.
     run32 = load_run(run_dir, precision="fp32")
     run16 = load_run(run_dir, precision="bf16")
-    assert "BatchNormalization" in {type(l).__name__ for l in load_run(run_dir).model.layers}  # as saved
-    assert "BatchNormalization" not in {type(l).__name__ for l in run32.model.layers}  # smallcnn: conv -> BN, folded
+    as_saved = {type(l).__name__ for l in load_run(run_dir).model.layers}
+    assert "FusedBatchNormalization" in as_saved and "BatchNormalization" not in as_saved  # trained fused
+    assert not {"BatchNormalization", "FusedBatchNormalization"} & {type(l).__name__ for l in run32.model.layers}
     assert {layer.dtype_policy.name for layer in run32.model.layers} == {"float32"}  # bf16-trained, run in fp32
     assert run16.model.outputs[0].dtype == "float32"
     np.testing.assert_allclose(np.asarray(run16.model(x)), np.asarray(run32.model(x)), atol=0.05)

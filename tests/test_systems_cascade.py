@@ -204,7 +204,7 @@ def write_png(path, img):
 def test_stages_run_as_inference_copies_and_reload_as_such(tmp_path):
     """Every cascade path runs each stage's inference copy: SEME-ResNet50's BNs folded into its convolutions,
     SEME-DenseNet169's pre-activation BNs one fused kernel each; the same outputs as the stages as trained."""
-    from covidx.layers import InferenceBatchNormalization
+    from covidx.layers import FusedBatchNormalization
     from tests.test_precision import randomise_batch_norms
 
     probe = tiny_cascade_model()
@@ -219,8 +219,8 @@ def test_stages_run_as_inference_copies_and_reload_as_such(tmp_path):
         assert keras.layers.BatchNormalization not in kinds
         assert any(type(layer) is keras.layers.BatchNormalization for layer in trained.layers)  # untouched
         np.testing.assert_allclose(np.asarray(running(x)), np.asarray(trained(x)), rtol=1e-4, atol=1e-5)
-    assert InferenceBatchNormalization not in {type(layer) for layer in cascade.stage1.layers}  # all folded
-    assert InferenceBatchNormalization in {type(layer) for layer in cascade.stage2.layers}
+    assert FusedBatchNormalization not in {type(layer) for layer in cascade.stage1.layers}  # all folded
+    assert FusedBatchNormalization in {type(layer) for layer in cascade.stage2.layers}
     cascade.save(tmp_path / "c")
     loaded = S.CascadeSEME.load(tmp_path / "c")
     assert [type(layer) for layer in loaded.stage2.layers] == [type(layer) for layer in cascade.stage2.layers]

@@ -62,14 +62,14 @@ def test_routing_returns_masks_only_for_segmented_classes():
 
 def test_both_models_run_as_inference_copies():
     """The segmenter's BNs run as one fused kernel each; outputs as the trained models'."""
-    from covidx.layers import InferenceBatchNormalization
+    from covidx.layers import FusedBatchNormalization
     from tests.test_precision import randomise_batch_norms
 
     clf, seg = brightness_classifier(), tiny_segmenter()
     randomise_batch_norms(seg, np.random.default_rng(0))
     pred = TwoStagePredictor(clf, seg, CLASSES)
     kinds = {type(layer) for layer in pred.segmenter.layers}
-    assert InferenceBatchNormalization in kinds and keras.layers.BatchNormalization not in kinds
+    assert FusedBatchNormalization in kinds and keras.layers.BatchNormalization not in kinds
     x = batch()[:, :32, :32, None]
     np.testing.assert_allclose(np.asarray(pred.segmenter(x)), np.asarray(seg(x)), rtol=1e-4, atol=1e-5)
     assert pred.classifier is clf  # no BN: nothing to change, the model itself

@@ -20,7 +20,7 @@ CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 MODES = ("imagenet", "caffe", "symmetric", "unit", "zscore", "raw")
 
-# tf.nn.fused_batch_norm raises a smaller epsilon to this; InferenceBatchNormalization falls back below it.
+# tf.nn.fused_batch_norm raises a smaller epsilon to this; FusedBatchNormalization falls back below it.
 FUSED_BN_MIN_EPSILON = 1.001e-5
 
 # PyTorch's BatchNorm momentum 0.1 in Keras' convention (moving = momentum * moving + (1 - momentum) * batch).
@@ -103,32 +103,46 @@ class ImageNormalization(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="covidx")
-class InferenceBatchNormalization(keras.layers.BatchNormalization):
-    """``BatchNormalization`` whose inference is one fused kernel, in the input's own dtype.
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+    """``BatchNormalization`` as TensorFlow's fused kernel, in training and at inference, in the input's dtype.
 
-    At inference BN is one per-channel affine ``x * scale + shift`` (``scale = gamma / sqrt(var + eps)``,
-    ``shift = beta - mean * scale``). Keras computes it as separate element-wise operations, each a pass over
-    the feature map, and upcasts bfloat16/float16 inputs to float32 first (which training needs: batch moments
-    of low-precision activations lose the mean or overflow). Here a 4-D channels-last input goes through
-    TensorFlow's ``FusedBatchNormV3`` (oneDNN on CPUs), with the statistics in float32 and the feature map in
-    its own dtype, as PyTorch's eval-mode BN and autocast do: no float32 copy of a bf16 map, one pass over it
-    instead of two or more.
+    Keras computes BN as separate element-wise operations, each a pass over the feature map: in training
+    the batch moments, the affine and, in the backward pass, the gradient of each; at inference the affine
+    ``x * scale + shift``. It also upcasts bfloat16/float16 feature maps to float32 first. Here a 4-D
+    channels-last input goes through ``FusedBatchNormV3`` (oneDNN on CPUs) forward and
+    ``FusedBatchNormGradV3`` backward: one kernel each, in the feature map's own dtype, with the statistics
+    and their accumulation in float32, as PyTorch's BN does (eval mode and autocast included).
 
-    Training, masks, other layouts and an epsilon below the fused kernel's floor (1.001e-5) take the parent's
-    path; weights and config are the parent's, so a checkpoint's BN layers load into it as they are.
-    :func:`covidx.precision.with_precision` swaps it in for inference.
+    Training normalises with the batch mean and biased variance and updates the moving statistics as the
+    parent does (``momentum * moving + (1 - momentum) * batch``, biased batch variance: the kernel's
+    Bessel-corrected variance is scaled back by ``(n - 1) / n``). Masks, other layouts, an epsilon below
+    the kernel's floor (1.001e-5), batch renormalisation and cross-replica (``synchronized``) statistics
+    take the parent's path. Weights and config are the parent's, so a checkpoint's BN layers load into it
+    as they are. Swapped in by :func:`covidx.precision.fused_batch_norms` (training) and
+    :func:`covidx.precision.inference_copy` (every inference path).
     """
 
-    def call(self, inputs, training=None, mask=None):
+    def _fused(self, inputs, mask) -> bool:
         axis = self.axis if self.axis >= 0 else self.axis + len(inputs.shape)
-        dtype = keras.backend.standardize_dtype(inputs.dtype)
-        if ((training and self.trainable) or mask is not None or len(inputs.shape) != 4 or axis != 3
-                or self.epsilon < FUSED_BN_MIN_EPSILON or dtype not in ("float32", "bfloat16", "float16")):
+        return (mask is None and len(inputs.shape) == 4 and axis == 3 and self.epsilon >= FUSED_BN_MIN_EPSILON
+                and not self.renorm and not self.synchronized
+                and keras.backend.standardize_dtype(inputs.dtype) in ("float32", "bfloat16", "float16"))
+
+    def call(self, inputs, training=None, mask=None):
+        if not self._fused(inputs, mask):
             return super().call(inputs, training=training, mask=mask)
-        mean = ops.cast(self.moving_mean, "float32")
-        scale = ops.cast(self.gamma, "float32") if self.scale else ops.ones_like(mean)
-        offset = ops.cast(self.beta, "float32") if self.center else ops.zeros_like(mean)
-        y, _, _ = tf.compat.v1.nn.fused_batch_norm(inputs, scale, offset, mean=mean,
+        ones = ops.ones(self.moving_mean.shape, "float32")
+        scale = ops.cast(self.gamma, "float32") if self.scale else ones
+        offset = ops.cast(self.beta, "float32") if self.center else ops.zeros_like(ones)
+        if training and self.trainable:
+            y, mean, variance = tf.compat.v1.nn.fused_batch_norm(inputs, scale, offset, epsilon=self.epsilon,
+                                                                 is_training=True)
+            n = ops.cast(ops.size(inputs) // ops.shape(inputs)[-1], "float32")
+            variance = variance * ops.maximum(n - 1.0, 0.0) / n
+            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+            self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+            return y
+        y, _, _ = tf.compat.v1.nn.fused_batch_norm(inputs, scale, offset, mean=ops.cast(self.moving_mean, "float32"),
                                                    variance=ops.cast(self.moving_variance, "float32"),
                                                    epsilon=self.epsilon, is_training=False)
         return y

@@ -33,7 +33,7 @@ from covidx.data.verify import verify_table
 from covidx.models import create_model, get_spec
 from covidx.model_card import write_model_card
 from covidx.models.cascade import TRAINING_HINT
-from covidx.precision import POLICIES, precision_scope, resolve_precision
+from covidx.precision import POLICIES, fused_batch_norms, precision_scope, resolve_precision
 from covidx.runs import CONFIG_FILE, LUNG_MASK, SPLIT_FILE, RunConfig
 from covidx.tasks import get_task
 from covidx.models.recipes import recipe_preset
@@ -101,6 +101,7 @@ class TrainConfig:
     mixed_precision: bool = False  # older runs' spelling of precision="fp16"
     precision: str | None = None  # fp32 | bf16 | fp16 | auto (covidx.precision); None: fp16 if mixed_precision
     jit_compile: bool | None = None  # XLA-compile the train step; None: auto (resolve_jit_compile)
+    fused_batchnorm: bool = True  # BN as one fused kernel forward and backward (covidx.precision.fused_batch_norms)
     verify: bool = True
     steps_per_epoch: int | None = None  # cap (quick runs); None = one pass over the training split
     synthetic_patients: int = 60
@@ -329,6 +330,8 @@ def _train(cfg: TrainConfig, strategy, resume, chief: bool, scratch: Path) -> Pa
     with strategy.scope():
         net = create_model(cfg.model, num_classes=task.num_classes, image_size=pre.image_size,
                            channels=pre.channels, weights=cfg.weights, **cfg.model_kwargs)
+        if cfg.fused_batchnorm:
+            net = fused_batch_norms(net)
         if cfg.sync_batchnorm:
             synchronize_batchnorm(net)
         trainer = trainer_cls(net, **cfg.trainer_kwargs)
