@@ -28,8 +28,9 @@ seme-resnet50-512-bf16  SEME-ResNet50 @512, bfloat16 (inference_copy)  ResNet50 
 
 PyTorch inference runs under ``torch.inference_mode`` in NCHW and channels-last, each also with its
 conv-BN pairs fused by ``torch.fx.experimental.optimization.fuse`` (as covidx's inference copy folds
-them); the fastest of these (chosen at warm-up) is timed. Both frameworks use ``--threads`` threads
-(default: all cores).
+them); the fastest of these (chosen at warm-up) is timed. covidx's training rows train the network as
+``python -m covidx.train`` does, every BN one fused kernel forward and backward
+(:func:`covidx.precision.fused_batch_norms`). Both frameworks use ``--threads`` threads (default: all cores).
 FLOPs per image are counted in PyTorch (``torch.utils.flop_counter``) on the reference and used for both
 sides' GFLOP/s (the architectures match to within the SE blocks / attention heads).
 
@@ -158,7 +159,7 @@ def tf_worker(args):
 
     import covidx.training  # noqa: F401  (registers the trainers)
     from covidx.models import create_model
-    from covidx.precision import inference_copy
+    from covidx.precision import fused_batch_norms, inference_copy
     from covidx.training.magsd import MagSDTrainer
     from covidx.training.trainers import Trainer
 
@@ -192,6 +193,7 @@ def tf_worker(args):
                 out = fn(x)
                 (out[0] if isinstance(out, (list, tuple)) else out).numpy()
         else:
+            net = fused_batch_norms(net)  # what python -m covidx.train trains (BN one fused kernel each way)
             trainer = MagSDTrainer(net, seed=0) if row == "magsd-train" else Trainer(net)
             trainer.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9), loss="categorical_crossentropy",
                             jit_compile=args.tf_jit)
