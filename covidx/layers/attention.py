@@ -14,6 +14,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from covidx.layers.normalization import FusedBatchNormalization
+
 POOLING_MODES = ("attention", "gap", "gmp")
 
 # PyTorch's default conv/linear init, kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)), which the
@@ -69,7 +71,7 @@ class MultiscaleAttention(keras.layers.Layer):
             conv = keras.layers.Conv2D(
                 self.num_maps, 1, use_bias=False, kernel_initializer=TORCH_DEFAULT_INIT, name=f"branch{i}_conv"
             )
-            norm = keras.layers.BatchNormalization(epsilon=self.epsilon, momentum=self.momentum, name=f"branch{i}_bn")
+            norm = FusedBatchNormalization(epsilon=self.epsilon, momentum=self.momentum, name=f"branch{i}_bn")
             conv.build(shape)
             norm.build((*shape[:3], self.num_maps))
             self.convs.append(conv)
