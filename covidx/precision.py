@@ -210,8 +210,8 @@ def fold_batch_norms(model: keras.Model) -> keras.Model:
 def fused_batch_norms(model: keras.Model) -> keras.Model:
     """A copy of ``model`` whose BatchNormalization layers are :class:`FusedBatchNormalization` (the same
     weights, config and results within float rounding): what covidx trains, since one fused kernel forward
-    and one backward replace Keras' chain of element-wise passes (the ResNet50 training step 1.2x, in bf16
-    1.4x; ``benchmarks/versus_torch.py``). Top-level layers only, as :func:`inference_copy`; returns
+    and one backward replace Keras' chain of element-wise passes (``benchmarks/versus_torch.py``'s training
+    rows measure the step). Top-level layers only, as :func:`inference_copy`; returns
     ``model`` itself when it has no Keras BN there. Build the copy under the distribution strategy's scope
     the model was built in."""
     config = model.get_config()
