@@ -14,7 +14,8 @@ import tensorflow as tf
 
 import covidx.layers  # noqa: F401  (registers covidx's layers for load_model)
 from covidx.data.synthetic import write_dataset
-from covidx.precision import fold_batch_norms, inference_copy, precision_scope, resolve_precision, with_precision
+from covidx.precision import (fold_batch_norms, fused_batch_norms, inference_copy, precision_scope,
+                              resolve_precision, with_precision)
 from covidx.runs import load_run
 from covidx.serving.export import export
 
@@ -187,6 +188,29 @@ def test_fold_batch_norms_merges_each_conv_bn_pair_and_nothing_else():
     np.testing.assert_allclose(folded.get_layer("b_bn").bias, (bias - mean) * s + beta, rtol=1e-5, atol=1e-6)
     assert type(net.get_layer("a_bn")) is keras.layers.BatchNormalization  # the original is untouched
     assert fold_batch_norms(folded) is folded  # nothing left to fold
+
+
+def test_fused_batch_norms_trains_as_the_keras_model():
+    """The copy python -m covidx.train trains: every BN fused, the same weights, and SGD steps from the same
+    start give the same losses, weights and moving statistics as Keras' BN."""
+    from covidx.layers import FusedBatchNormalization
+
+    keras.utils.set_random_seed(0)
+    net = small_net()
+    randomise_batch_norms(net, np.random.default_rng(1))
+    fused = fused_batch_norms(net)
+    assert {type(fused.get_layer(n)) for n in ("conv_bn", "bn")} == {FusedBatchNormalization}
+    assert fused_batch_norms(fused) is fused  # nothing left to swap
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (8, 16, 16, 1)).astype("float32")
+    y = keras.utils.to_categorical(np.arange(8) % 3, 3)
+    losses = []
+    for model in (net, fused):
+        model.compile(keras.optimizers.SGD(0.1), "categorical_crossentropy")
+        losses.append([float(model.train_on_batch(x, y)) for _ in range(3)])
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
+    for a, b in zip(net.get_weights(), fused.get_weights()):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
 
 def test_inference_copy_folds_swaps_batchnorm_and_reloads_in_safe_mode(tmp_path):
