@@ -24,6 +24,7 @@ dpn92-train           DPN-92 train step @128, batch 16, SGD momentum   timm dpn9
 magsd-train           MAG-SD iteration: 1 + 3 attention-guided         ResNet50 + attention maps + BAP,
                       forwards, 1 backward, @224, 1 channel            the same 1 + 3 forwards, 1 backward
 seme-resnet50-512-bf16  SEME-ResNet50 @512, bfloat16 (inference_copy)  ResNet50 under torch.autocast(bf16)
+resnet50-train-bf16   ResNet50 train step @224, mixed_bfloat16         the same step, forward under autocast
 ====================  ===============================================  =================================
 
 PyTorch inference runs under ``torch.inference_mode`` in NCHW and channels-last, each also with its
@@ -68,11 +69,13 @@ ROWS = {
     "magsd-train": ("MAG-SD iteration @224 (1+3 forwards, 1 backward)", "ResNet50 MA-Net equivalent", 224, 1, 8,
                     "train"),
     "seme-resnet50-512-bf16": ("SEME-ResNet50 @512, bfloat16", "ResNet50, torch autocast bf16", 512, 3, 4, "infer"),
+    "resnet50-train-bf16": ("ResNet50 train step @224, bfloat16", "ResNet50, torch autocast bf16", 224, 3, 8, "train"),
 }
 COVIDX_MODEL = {
     "seme-resnet50-512": "seme-resnet50", "seme-densenet169-512": "seme-densenet169", "dpn92": "dpn92",
     "se-dpn92": "se-dpn92", "ma-net": "mag-sd", "ensemble": "ensemble", "resnet50-train": "resnet50-gap",
     "dpn92-train": "dpn92", "magsd-train": "mag-sd", "seme-resnet50-512-bf16": "seme-resnet50",
+    "resnet50-train-bf16": "resnet50-gap",
 }
 NUM_CLASSES = 4
 MATMUL_N = 4096
@@ -159,7 +162,7 @@ def tf_worker(args):
 
     import covidx.training  # noqa: F401  (registers the trainers)
     from covidx.models import create_model
-    from covidx.precision import fused_batch_norms, inference_copy
+    from covidx.precision import fused_batch_norms, inference_copy, precision_scope
     from covidx.training.magsd import MagSDTrainer
     from covidx.training.trainers import Trainer
 
@@ -181,7 +184,8 @@ def tf_worker(args):
     def setup(row):
         keras.backend.clear_session()
         label, _, size, channels, batch, kind = ROWS[row]
-        net = create_model(COVIDX_MODEL[row], num_classes=NUM_CLASSES, image_size=size, channels=channels)
+        with precision_scope("bf16" if kind == "train" and row.endswith("-bf16") else "fp32"):
+            net = create_model(COVIDX_MODEL[row], num_classes=NUM_CLASSES, image_size=size, channels=channels)
         x = tf.constant(rng.uniform(0, 255, (batch, size, size, channels)).astype("float32"))
         if kind == "infer":
             # What predict / evaluate / export run: the checkpoint's inference copy (BN folded into the
@@ -237,7 +241,7 @@ def torch_worker(args):
         return m
 
     def reference(row, channels):
-        if row.startswith("seme-resnet50") or row in ("ma-net", "resnet50-train"):
+        if row.startswith(("seme-resnet50", "resnet50-train")) or row == "ma-net":
             return resnet50(channels)
         if row == "seme-densenet169-512":
             return torchvision.models.densenet169(num_classes=NUM_CLASSES)
@@ -362,7 +366,9 @@ def torch_worker(args):
         else:
             def step():
                 opt.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x), y).backward()
+                with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                    loss = F.cross_entropy(model(x), y)
+                loss.backward()
                 opt.step()
         step()
         step()

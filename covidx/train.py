@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--strategy", default="default", choices=("default", "mirrored", "multiworker"))
     ap.add_argument("--mixed-precision", action="store_true", help="mixed_float16 policy (the same as --precision fp16)")
     ap.add_argument("--precision", choices=PRECISIONS,
-                    help="fp32 (default), bf16, fp16, or auto: bf16 on CPUs with bfloat16 units, fp16 on GPUs with "
-                         "tensor cores, else fp32 (softmax, losses and BN statistics stay float32)")
+                    help="fp32, bf16, fp16, or auto: bf16 on CPUs with bfloat16 units, fp16 on GPUs with tensor "
+                         "cores, else fp32 (softmax, losses and BN statistics stay float32); default: the recipe's "
+                         "(paper fp32, quick auto)")
     ap.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=None,
                     help="XLA-compile the train step (default: on with a GPU, off on CPUs, where it is slower)")
     ap.add_argument("--fused-batchnorm", action=argparse.BooleanOptionalAction, default=True,

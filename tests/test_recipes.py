@@ -13,26 +13,34 @@ TRAINABLE = [n for n in list_models() if get_spec(n).kind != "cascade"]
 
 # What README's "Recipes" table promises, written out by hand (not read from QUICK).
 DOCUMENTED = {
-    "baseline-resnet50": dict(optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=0.3,
+    "baseline-resnet50": dict(precision="auto",
+                              optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=0.3,
                               image_size=128, epochs=8, batch_size=16),
-    "seme-resnet50": dict(optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=0.3,
+    "seme-resnet50": dict(precision="auto",
+                          optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=0.3,
                           image_size=128, epochs=6, batch_size=16, min_learning_rate=0.0, trainer="moex",
                           clahe_prob=0.4, task="stage1", channels=1),
     "resnet50-base": dict(optimizer="adam", learning_rate=1e-3, image_size=128, epochs=6, trainer="standard"),
-    "seme-densenet169": dict(optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=0.3,
+    "seme-densenet169": dict(precision="auto",
+                             optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=0.3,
                              image_size=128, epochs=8, batch_size=16, trainer="regional", task="stage2"),
     "vgg19-gap": dict(optimizer="adam", learning_rate=3e-4, image_size=128, epochs=8, warmup_epochs=0.3,
                       batch_size=16),
-    "se-dpn92": dict(optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=0.3,
+    "se-dpn92": dict(precision="auto",
+                     optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=0.3,
                      image_size=128, epochs=5, batch_size=16, resize="crop", augment="se-dpn"),
-    "mag-sd": dict(optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=0.3, image_size=128,
+    "mag-sd": dict(precision="auto",
+                   optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=0.3, image_size=128,
                    epochs=6, batch_size=16, weight_decay=0.0, augment="light", trainer="magsd", clahe_prob=1.0,
                    clahe_inference=True),
-    "ensemble": dict(optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=0.3, image_size=128,
+    "ensemble": dict(precision="auto",
+                     optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=0.3, image_size=128,
                      epochs=5, batch_size=16, task="3class", class_weights=True),
-    "lung-unet": dict(optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=1.0,
+    "lung-unet": dict(precision="auto",
+                      optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=1.0,
                       image_size=256, epochs=15, batch_size=8, min_learning_rate=0.0, task="lungs"),
-    "fc-densenet103": dict(optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=1.0,
+    "fc-densenet103": dict(precision="auto",
+                           optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=1.0,
                            image_size=128, epochs=10, batch_size=8, task="lesions"),
 }
 
@@ -41,6 +49,7 @@ DOCUMENTED = {
 def test_paper_recipe_is_the_registered_preset(name):
     assert recipe_preset(name, "paper") == get_spec(name).preset
     assert get_spec(name).preset.warmup_epochs == 0.0  # the papers' settings have no warm-up
+    assert get_spec(name).preset.precision == "fp32"  # no paper states one: float32
 
 
 @pytest.mark.parametrize("name", TRAINABLE)
@@ -74,6 +83,9 @@ def test_flags_override_either_recipe():
         cfg, _, _ = resolve(TrainConfig(model="seme-resnet50", recipe=recipe, learning_rate=5e-4, image_size=96,
                                         optimizer="sgd", warmup_epochs=0.0))
         assert (cfg.learning_rate, cfg.image_size, cfg.optimizer, cfg.warmup_epochs) == (5e-4, 96, "sgd", 0.0)
+    assert resolve(TrainConfig(model="seme-resnet50", recipe="quick", precision="fp32"))[0].precision == "fp32"
+    assert resolve(TrainConfig(model="seme-resnet50", recipe="quick", mixed_precision=True))[0].precision == "fp16"
+    assert resolve(TrainConfig(model="baseline-smallcnn", recipe="quick"))[0].precision == "fp32"  # default run as is
     cfg, _, _ = resolve(TrainConfig(model="seme-resnet50"))
     assert (cfg.optimizer, cfg.learning_rate, cfg.image_size, cfg.epochs) == ("sgd", 1e-4, 512, 80)  # paper default
 

@@ -52,6 +52,7 @@ class Preset:
     class_weights: bool = True
     trainer: str = "standard"  # a name from covidx.training.trainers.TRAINERS
     weights: str = "none"  # "none", "imagenet" or a file path
+    precision: str = "fp32"  # none of the papers states one: float32, their frameworks' default (covidx.precision)
     paper: str = ""
 
     def replace(self, **changes) -> "Preset":

@@ -99,7 +99,7 @@ class TrainConfig:
     out: str = "runs"
     strategy: str = "default"
     mixed_precision: bool = False  # older runs' spelling of precision="fp16"
-    precision: str | None = None  # fp32 | bf16 | fp16 | auto (covidx.precision); None: fp16 if mixed_precision
+    precision: str | None = None  # fp32 | bf16 | fp16 | auto (covidx.precision); None: fp16 if mixed_precision, else the preset's
     jit_compile: bool | None = None  # XLA-compile the train step; None: auto (resolve_jit_compile)
     fused_batchnorm: bool = True  # BN as one fused kernel forward and backward (covidx.precision.fused_batch_norms)
     verify: bool = True
@@ -139,6 +139,8 @@ def resolve(cfg: TrainConfig):
         raise ValueError(TRAINING_HINT)
     preset = recipe_preset(cfg.model, cfg.recipe)
     values = cfg.to_dict()
+    if values["precision"] is None and values["mixed_precision"]:
+        values["precision"] = "fp16"  # the older flag's meaning, before the preset's precision fills in
     for k, v in values.items():
         if v is None and hasattr(preset, k):
             values[k] = getattr(preset, k)
@@ -255,7 +257,7 @@ def _train(cfg: TrainConfig, strategy, resume, chief: bool, scratch: Path) -> Pa
     keras.utils.set_random_seed(cfg.seed)
     # Epoch length is unknown until the first pass (unreadable files are skipped), which Keras warns about.
     warnings.filterwarnings("ignore", message="Your input ran out of data")
-    precision = resolve_precision(cfg.precision or ("fp16" if cfg.mixed_precision else "fp32"))
+    precision = resolve_precision(cfg.precision)
     keras.mixed_precision.set_global_policy(POLICIES[precision])  # train() restores the caller's policy
     cfg = dataclasses.replace(cfg, precision=precision)  # config.json records what ran ("auto" decided)
 
