@@ -214,8 +214,7 @@ def fused_batch_norms(model: keras.Model) -> keras.Model:
     rows measure the step). Top-level layers only, as :func:`inference_copy`; returns
     ``model`` itself when it has no Keras BN there. Build the copy under the distribution strategy's scope
     the model was built in."""
-    config = model.get_config()
-    return _rebuild(model, config, {}) if _set_precision(model, config, None) else model
+    return with_precision(model, None)  # the BN swap alone: every layer keeps its precision
 
 
 def with_precision(model: keras.Model, precision: str | None) -> keras.Model:
