@@ -208,13 +208,17 @@ def fold_batch_norms(model: keras.Model) -> keras.Model:
 
 
 def fused_batch_norms(model: keras.Model) -> keras.Model:
-    """A copy of ``model`` whose BatchNormalization layers are :class:`FusedBatchNormalization` (the same
-    weights, config and results within float rounding): what covidx trains, since one fused kernel forward
-    and one backward replace Keras' chain of element-wise passes (``benchmarks/versus_torch.py``'s training
-    rows measure the step). Top-level layers only, as :func:`inference_copy`; returns
-    ``model`` itself when it has no Keras BN there. Build the copy under the distribution strategy's scope
-    the model was built in."""
-    return with_precision(model, None)  # the BN swap alone: every layer keeps its precision
+    """Make every Keras ``BatchNormalization`` in ``model`` a :class:`FusedBatchNormalization`, in place, and
+    return ``model``: what covidx trains, since one fused kernel forward and one backward replace Keras' chain
+    of element-wise passes (``benchmarks/versus_torch.py``'s training rows measure the step). Nested models
+    and the sublayers of custom layers are included. The fused layer has the parent's weights, state and
+    config and only another ``call``, so changing the class of the built layer is the whole swap: no copy,
+    which would cost as much as building the model again. Swap before the model is compiled or called."""
+    # _flatten_layers reaches every sublayer, however deep (Keras has no public walk over them).
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if type(layer) is keras.layers.BatchNormalization:
+            layer.__class__ = FusedBatchNormalization
+    return model
 
 
 def with_precision(model: keras.Model, precision: str | None) -> keras.Model:

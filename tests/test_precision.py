@@ -148,7 +148,7 @@ def test_fused_batchnorm_trains_as_batchnorm_with_one_kernel_each_way(dtype):
 
 
 def randomise_batch_norms(model, rng):
-    for layer in model.layers:
+    for layer in model._flatten_layers():  # nested BNs too
         if isinstance(layer, keras.layers.BatchNormalization):
             n = layer.moving_mean.shape[0]
             layer.set_weights([rng.uniform(0.5, 2, n), rng.normal(0, 1, n), rng.normal(0, 1, n), rng.uniform(0.5, 3, n)])
@@ -190,26 +190,57 @@ def test_fold_batch_norms_merges_each_conv_bn_pair_and_nothing_else():
     assert fold_batch_norms(folded) is folded  # nothing left to fold
 
 
+class BlockWithNorm(keras.layers.Layer):
+    """A custom layer holding its own BN (as MAG-SD's attention block does): the swap must reach inside."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.norm = keras.layers.BatchNormalization()
+
+    def call(self, inputs, training=None):
+        return self.norm(inputs, training=training)
+
+
+def nested_net():
+    """small_net's layers with one BN inside a nested model and one inside a custom layer."""
+    inputs = keras.Input((16, 16, 1))
+    x = keras.layers.Conv2D(8, 3, name="conv")(inputs)
+    inner_in = keras.Input((14, 14, 8))
+    inner = keras.Model(inner_in, keras.layers.BatchNormalization(name="conv_bn")(inner_in), name="inner")
+    x = keras.layers.ReLU(name="relu")(inner(x))
+    x = BlockWithNorm(name="block")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="predictions")(x))
+
+
 def test_fused_batch_norms_trains_as_the_keras_model():
-    """The copy python -m covidx.train trains: every BN fused, the same weights, and SGD steps from the same
-    start give the same losses, weights and moving statistics as Keras' BN."""
+    """What python -m covidx.train trains: every BN fused in place (nested models and custom layers' own BNs
+    included), the same weights, and SGD steps from the same start give the same losses, weights and moving
+    statistics as Keras' BN."""
     from covidx.layers import FusedBatchNormalization
 
-    keras.utils.set_random_seed(0)
-    net = small_net()
-    randomise_batch_norms(net, np.random.default_rng(1))
-    fused = fused_batch_norms(net)
-    assert {type(fused.get_layer(n)) for n in ("conv_bn", "bn")} == {FusedBatchNormalization}
-    assert fused_batch_norms(fused) is fused  # nothing left to swap
+    def norms(model):
+        return [l for l in model._flatten_layers() if isinstance(l, keras.layers.BatchNormalization)]
+
+    nets = []
+    for _ in range(2):
+        keras.utils.set_random_seed(0)
+        net = nested_net()
+        randomise_batch_norms(net, np.random.default_rng(1))
+        nets.append(net)
+    keras_bn, fused = nets
+    assert fused_batch_norms(fused) is fused
+    assert [type(l) for l in norms(fused)] == [FusedBatchNormalization] * 2
+    assert {type(l) for l in norms(keras_bn)} == {keras.layers.BatchNormalization}
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, (8, 16, 16, 1)).astype("float32")
     y = keras.utils.to_categorical(np.arange(8) % 3, 3)
     losses = []
-    for model in (net, fused):
+    for model in (keras_bn, fused):
         model.compile(keras.optimizers.SGD(0.1), "categorical_crossentropy")
         losses.append([float(model.train_on_batch(x, y)) for _ in range(3)])
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
-    for a, b in zip(net.get_weights(), fused.get_weights()):
+    for a, b in zip(keras_bn.get_weights(), fused.get_weights()):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
 
