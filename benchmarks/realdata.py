@@ -194,7 +194,8 @@ def main(argv=None) -> int:
                                                          "fit a small budget; validation then uses that many batches")
     ap.add_argument("--image-size", type=int, help="override the recipes' input size")
     ap.add_argument("--batch-size", type=int, help="override the quick recipe's batch size (classifiers)")
-    ap.add_argument("--precision", help="fp32 | bf16 | fp16 | auto for every run (default: the run's own, fp32)")
+    ap.add_argument("--precision",
+                    help="fp32 | bf16 | fp16 | auto for every run (default: each recipe's own: quick auto, paper fp32)")
     ap.add_argument("--unet-image-size", type=int)
     ap.add_argument("--model-arg", action="append", default=[], metavar="MODEL:KEY=VALUE")
     ap.add_argument("--regional", action="store_true",
