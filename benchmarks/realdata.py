@@ -140,7 +140,7 @@ def fmt(r: dict) -> str:
 
 def markdown(results: list[dict]) -> str:
     """The rows as README's table (``--table`` renders it from results.jsonl files of earlier runs)."""
-    lines = ["| model | recipe (trainer) | size, batch | validation figure [patient-bootstrap 95 % CI] "
+    lines = ["| model | recipe (trainer) | size, batch, precision | validation figure [patient-bootstrap 95 % CI] "
              "| CPU s | wall s | img/s | epochs |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         v, b = r["val"], r["budget"]
@@ -158,7 +158,7 @@ def markdown(results: list[dict]) -> str:
             fig = "none"
         recipe = r["recipe"] + (f" ({r['trainer']})" if r.get("trainer") and r["trainer"] != "standard" else "")
         reduced = f", {r['model_kwargs']}" if r.get("model_kwargs") else ""
-        size = f"{r['image_size']} px, {r.get('batch_size') or '—'}"
+        size = f"{r['image_size']} px, {r.get('batch_size') or '—'}, {r.get('precision') or 'fp32'}"
         lines.append(f"| {r['model']}{reduced} | {recipe} | {size} | {fig} | {b['cpu_s']:,.0f} | {b['wall_s']:,.0f} "
                      f"| {b['images_per_wall_s']:.1f} | {r['epochs_done']}{' (budget hit)' if b['exhausted'] else ''} |")
     audited = [r for r in results if r.get("audit")]
