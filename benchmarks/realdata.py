@@ -10,7 +10,9 @@ people's load.
 
 Printed per model: validation macro AUC with its patient-bootstrap 95 % interval (Dice for the
 U-Net), CPU seconds, wall seconds, training images per wall second, epochs done, and the same
-for the paper recipe after the same budget (``--paper``).
+for the paper recipe after the same budget (``--paper``). Every result records the machine: CPU
+model, cores, bfloat16 units, and an fp32 and a bf16 matmul measured before the runs, so a table
+says what compute its budget bought (``--table`` prints it above the rows).
 
 Usage::
 
@@ -50,13 +52,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import cv2  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from covidx.evaluation.metrics import classification_metrics  # noqa: E402
 from covidx.explain.runs import run_audit  # noqa: E402
+from covidx.precision import cpu_flags, cpu_model  # noqa: E402
 from covidx.runs import load_run, predict_table  # noqa: E402
 from covidx.train import TrainConfig, parse_key_values, train  # noqa: E402
 
 CLASSIFIERS = ("baseline-resnet50", "seme-resnet50", "se-dpn92", "mag-sd", "ensemble")
+
+
+def machine() -> dict:
+    """What the budget bought: the CPU, its cores and bfloat16 units, and the fp32 and bf16 4096x4096 matmul
+    GFLOP/s measured now in TensorFlow. The budget is CPU seconds, so a figure is only comparable with the
+    compute those seconds bought; the matmul rates say it in numbers (a budget on one CPU is worth another's
+    by their ratio), the model name alone does not (cloud CPUs hide theirs)."""
+    gflops = {}
+    for name, dtype in (("fp32", tf.float32), ("bf16", tf.bfloat16)):
+        a = tf.cast(tf.random.stateless_normal((4096, 4096), seed=(0, 0)), dtype)
+        matmul = tf.function(lambda: tf.reduce_sum(tf.cast(tf.matmul(a, a), tf.float32)))
+        matmul().numpy()  # trace and warm up
+        t0 = time.perf_counter()
+        for _ in range(3):
+            matmul().numpy()
+        gflops[name] = round(3 * 2 * 4096 ** 3 / (time.perf_counter() - t0) / 1e9)
+    units = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
+    return dict(cpu=cpu_model(), cores=os.cpu_count(), units=units, matmul_gflops=gflops)
+
+
+def machine_line(m: dict | None) -> str:
+    if not m:
+        return "machine not recorded"
+    g = m["matmul_gflops"]
+    return (f"{m['cpu']}, {m['cores']} cores ({', '.join(m['units']) or 'no AVX-512'}); TF 4096x4096 matmul "
+            f"{g['fp32']:,} GFLOP/s fp32, {g['bf16']:,} bf16")
 
 
 def run_one(model: str, data: str, task: str, recipe: str, budget_s: float, out: Path, epochs: int | None,
@@ -139,8 +169,11 @@ def fmt(r: dict) -> str:
 
 
 def markdown(results: list[dict]) -> str:
-    """The rows as README's table (``--table`` renders it from results.jsonl files of earlier runs)."""
-    lines = ["| model | recipe (trainer) | size, batch, precision | validation figure [patient-bootstrap 95 % CI] "
+    """The rows as README's table (``--table`` renders it from results.jsonl files of earlier runs), below the
+    machine(s) they ran on."""
+    machines = list(dict.fromkeys(machine_line(r.get("machine")) for r in results))
+    lines = [f"Measured on: {'; '.join(machines)}.", ""]
+    lines += ["| model | recipe (trainer) | size, batch, precision | validation figure [patient-bootstrap 95 % CI] "
              "| CPU s | wall s | img/s | epochs |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         v, b = r["val"], r["budget"]
@@ -221,6 +254,8 @@ def main(argv=None) -> int:
     recipes = args.recipes.split(",") if args.recipes else ["quick", "paper"] if args.paper else ["quick"]
     results = []
     jobs = []
+    measured_on = machine()
+    print(f"machine: {machine_line(measured_on)}", flush=True)
     if args.kermany:
         for m in [m for m in args.models.split(",") if m]:
             jobs.append((m, args.kermany, "stage1", args.budget_min, args.epochs, args.image_size))
@@ -234,6 +269,7 @@ def main(argv=None) -> int:
                         epochs if recipe == "quick" else None, size if recipe == "quick" else None,
                         kwargs.get(model, {}), args.seed, args.steps_per_epoch if task != "lungs" else None,
                         args.precision, args.batch_size if recipe == "quick" and task != "lungs" else None)
+            r["machine"] = measured_on
             results.append(r)
             print("RESULT " + fmt(r), flush=True)
             record(out, r)
@@ -246,6 +282,7 @@ def main(argv=None) -> int:
                         args.steps_per_epoch, args.precision, args.batch_size, trainer=trainer,
                         lung_masks=str(Path(lung_run).resolve()))
             r["audit"] = audit_one(r, ("full", "lung-region") if trainer == "regional" else ("full",))
+            r["machine"] = measured_on
             results.append(r)
             print("RESULT " + fmt(r), flush=True)
             record(out, r)

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 import covidx.layers  # noqa: F401  (registers covidx's layers for load_model)
 from covidx.data.synthetic import write_dataset
-from covidx.precision import (fold_batch_norms, fused_batch_norms, inference_copy, precision_scope,
+from covidx.precision import (cpu_model, fold_batch_norms, fused_batch_norms, inference_copy, precision_scope,
                               resolve_precision, with_precision)
 from covidx.runs import load_run
 from covidx.serving.export import export
@@ -24,7 +24,7 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 def cpuinfo(tmp_path, flags):
     path = tmp_path / "cpuinfo"
-    path.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: fpu sse2 avx2 {flags}\n\n")
+    path.write_text(f"processor\t: 0\nmodel name\t: Test CPU @ 2.0GHz\nflags\t\t: fpu sse2 avx2 {flags}\n\n")
     return path
 
 
@@ -36,6 +36,11 @@ def test_auto_follows_the_cpu_flags(tmp_path):
     assert resolve_precision("fp16") == "fp16" and resolve_precision(None) == "fp32"
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("int8")
+
+
+def test_cpu_model_reads_the_model_name(tmp_path):
+    assert cpu_model(cpuinfo(tmp_path, "avx512f")) == "Test CPU @ 2.0GHz"
+    assert cpu_model(tmp_path / "missing")  # some name, never an error (platform.processor() or "unknown CPU")
 
 
 def small_net():
