@@ -59,7 +59,8 @@ def test_with_precision_keeps_weights_and_float32_outputs():
     net = small_net()
     x = np.random.default_rng(0).uniform(0, 1, (4, 16, 16, 1)).astype("float32")
     bf16 = with_precision(net, "bf16")
-    assert bf16.get_layer("conv").dtype_policy.name == "mixed_bfloat16"
+    # Convolutions and dense layers keep their weights in bfloat16 in an inference copy (no cast per call).
+    assert bf16.get_layer("conv").dtype_policy.name == "bfloat16" and bf16.get_layer("conv").kernel.dtype == "bfloat16"
     assert bf16.get_layer("predictions").dtype_policy.name == "float32"  # softmax in float32
     assert bf16.get_layer("bn").moving_mean.dtype == "float32"  # BN statistics in float32
     out = bf16(x)
@@ -263,7 +264,15 @@ def test_inference_copy_folds_swaps_batchnorm_and_reloads_in_safe_mode(tmp_path)
     bf16 = inference_copy(net, "bf16")
     assert isinstance(bf16.get_layer("bn"), FusedBatchNormalization)
     assert type(bf16.get_layer("conv_bn")) is keras.layers.Conv2D  # folded into its convolution
-    assert bf16.get_layer("conv_bn").dtype_policy.name == "mixed_bfloat16"
+    assert bf16.get_layer("conv_bn").dtype_policy.name == "bfloat16"  # weights stored in the compute type
+    config = fp32.get_config()  # the same values as mixed layers, which round their kernels every call
+    for layer in config["layers"]:
+        if layer["name"] != "predictions" and isinstance(layer["config"].get("dtype"), dict):
+            layer["config"]["dtype"]["config"]["name"] = "mixed_bfloat16"
+    mixed = keras.Model.from_config(config)
+    mixed.set_weights(fp32.get_weights())
+    assert mixed.get_layer("conv_bn").dtype_policy.name == "mixed_bfloat16"
+    np.testing.assert_allclose(np.asarray(bf16(x)), np.asarray(mixed(x)), rtol=1e-6, atol=1e-7)
     assert type(net.get_layer("bn")) is keras.layers.BatchNormalization  # the original is untouched
     for name, copy in (("fp32", fp32), ("bf16", bf16)):
         copy.save(tmp_path / f"{name}.keras")

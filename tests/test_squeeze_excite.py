@@ -51,3 +51,35 @@ def test_squeeze_excite_reloads(tmp_path):
     x = np.random.default_rng(1).normal(size=(2, 6, 6, 16)).astype("float32")
     np.testing.assert_array_equal(model.predict(x, verbose=0), restored.predict(x, verbose=0))
     assert restored.get_layer("se").get_config()["ratio"] == 4
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_global_average_pool_is_the_mean_in_every_dtype(dtype):
+    """On a first-stage-sized map, where a pooling kernel that sums in 16 bits is off by ~0.5."""
+    import tensorflow as tf
+
+    from covidx.layers.pooling import global_average_pool
+
+    x = np.random.default_rng(0).uniform(0, 1, (2, 128, 96, 3)).astype("float32")
+    xt = tf.cast(x, dtype)
+    expected = np.asarray(tf.cast(xt, "float32")).mean(axis=(1, 2))  # the mean of the values pooled
+    out = global_average_pool(xt)
+    assert out.dtype == dtype and tuple(out.shape) == (2, 3)
+    np.testing.assert_allclose(np.asarray(tf.cast(out, "float32")), expected, atol={"float32": 1e-6}.get(dtype, 4e-3))
+    assert tuple(global_average_pool(xt, keepdims=True).shape) == (2, 1, 1, 3)
+    # Traced with the height and width unknown: the mean, the same values.
+    fn = tf.function(global_average_pool, input_signature=[tf.TensorSpec((None, None, None, 3), dtype)])
+    np.testing.assert_allclose(np.asarray(tf.cast(fn(xt), "float32")), expected, atol=4e-3)
+
+
+def test_global_average_pool_gradient_is_one_over_the_area():
+    import tensorflow as tf
+
+    from covidx.layers.pooling import global_average_pool
+
+    x = tf.constant(np.random.default_rng(1).normal(size=(2, 5, 7, 4)).astype("float32"))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = tf.reduce_sum(global_average_pool(x) * np.arange(1, 5, dtype="float32"))
+    grad = np.asarray(tape.gradient(y, x))
+    np.testing.assert_allclose(grad, np.broadcast_to(np.arange(1, 5) / 35.0, x.shape), rtol=1e-6)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from covidx.layers.pooling import global_average_pool
+
 
 @keras.saving.register_keras_serializable(package="covidx")
 class SqueezeExcite(keras.layers.Layer):
@@ -42,7 +44,7 @@ class SqueezeExcite(keras.layers.Layer):
         self.excite.build((input_shape[0], units))
 
     def call(self, x):
-        s = ops.mean(x, axis=(1, 2))  # squeeze: global average pool
+        s = global_average_pool(x)  # squeeze
         s = self.excite(self.squeeze(s))  # excitation
         return x * ops.cast(s[:, None, None, :], x.dtype)
 
