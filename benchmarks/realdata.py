@@ -59,6 +59,7 @@ from covidx.explain.runs import run_audit  # noqa: E402
 from covidx.precision import cpu_flags, cpu_model  # noqa: E402
 from covidx.runs import load_run, predict_table  # noqa: E402
 from covidx.train import TrainConfig, parse_key_values, train  # noqa: E402
+from covidx.training.report import split_figures  # noqa: E402
 
 CLASSIFIERS = ("baseline-resnet50", "seme-resnet50", "se-dpn92", "mag-sd", "ensemble")
 
@@ -108,7 +109,12 @@ def run_one(model: str, data: str, task: str, recipe: str, budget_s: float, out:
     val = ends[0] if ends else {}
     epochs_done = sum(1 for _ in open(run_dir / "history.csv")) - 1
     saved = json.loads((run_dir / "config.json").read_text())
+    # best.keras is the epoch with the best validation figure: the last epoch's, beside it, shows what that
+    # choice (made on the same validation images) adds.
+    kept = json.loads((run_dir / "best.json").read_text())
+    last = val if kept["epoch"] == epochs_done else split_figures(run_dir / "last.keras", "val", seed)
     return dict(model=model, recipe=recipe, run=str(run_dir), budget=budget, val=val, total_wall_s=total_wall,
+                kept=kept, val_last=last,
                 precision=saved["train"]["precision"], batch_size=saved["train"]["batch_size"],
                 epochs_done=epochs_done, image_size=saved["preprocess"]["image_size"], model_kwargs=model_kwargs,
                 parameters=saved["parameters"], trainer=saved["trainer"])
@@ -149,6 +155,17 @@ def fmt_audit(r: dict) -> str:
     return "\n".join(lines)
 
 
+def kept_text(r: dict) -> str:
+    """Which epoch best.keras is and, when it is not the last, the last epoch's validation figure."""
+    kept, last = r.get("kept"), r.get("val_last")
+    if not kept:  # results recorded before runs kept their best validation figure
+        return ""
+    if kept["epoch"] == r["epochs_done"]:
+        return f" (epoch {kept['epoch']}, the last)"
+    figure = last.get("dice") if last.get("kind") == "segmentation" else last.get("macro_auc")
+    return f" (epoch {kept['epoch']}; last epoch {figure:.3f})"
+
+
 def fmt(r: dict) -> str:
     v, b = r["val"], r["budget"]
     if v.get("kind") == "segmentation":
@@ -159,6 +176,7 @@ def fmt(r: dict) -> str:
                if v.get("macro_auc") is not None and ci[0] is not None else f"val {v.get('line')}")
     else:
         fig = "no validation figure"
+    fig += kept_text(r)
     reduced = f" reduced: {r['model_kwargs']}" if r["model_kwargs"] else ""
     trainer = f" trainer {r['trainer']}" if r.get("trainer") else ""
     return (f"{r['model']:<20} {r['recipe']:<6}{trainer} {r['image_size']:>4}px b{r.get('batch_size')} "
@@ -189,6 +207,7 @@ def markdown(results: list[dict]) -> str:
                 fig += f"; on full images {r['audit']['full_image_macro_auc']:.3f} [{lo:.3f}-{hi:.3f}]"
         else:
             fig = "none"
+        fig += kept_text(r)
         recipe = r["recipe"] + (f" ({r['trainer']})" if r.get("trainer") and r["trainer"] != "standard" else "")
         reduced = f", {r['model_kwargs']}" if r.get("model_kwargs") else ""
         size = f"{r['image_size']} px, {r.get('batch_size') or '—'}, {r.get('precision') or 'fp32'}"

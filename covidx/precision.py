@@ -1,7 +1,8 @@
 """Numeric precision of training and inference: ``fp32``, ``bf16``, ``fp16`` or ``auto``.
 
 ``bf16`` and ``fp16`` are Keras mixed-precision policies (``mixed_bfloat16`` / ``mixed_float16``):
-variables stay float32, convolutions and matmuls run in the 16-bit type. Where the numbers need the
+variables stay float32, convolutions and matmuls run in the 16-bit type (an inference copy, which nothing
+trains, keeps convolution and dense weights in the 16-bit type itself). Where the numbers need the
 range, covidx keeps float32 regardless of the policy: every classifier's softmax layer is built with
 ``dtype="float32"``, BatchNormalization keeps its moving statistics and computes the batch moments in
 float32 (training runs it as one fused kernel, :func:`fused_batch_norms`; in the inference copy of a
@@ -252,7 +253,8 @@ def with_precision(model: keras.Model, precision: str | None) -> keras.Model:
     in bf16 or a bf16-trained one run in fp32; ``None`` keeps each layer's own precision.
 
     Layers under one of covidx's policies (float32, mixed_bfloat16, mixed_float16) take the new one, except
-    the model's output layers, which stay as built (softmax and outputs in float32). BatchNormalization
+    the model's output layers, which stay as built (softmax and outputs in float32); convolutions and dense
+    layers keep their weights in the 16-bit type itself (:data:`STORED_IN_COMPUTE_TYPE`). BatchNormalization
     layers become :class:`~covidx.layers.normalization.FusedBatchNormalization` (the same weights; the
     inference affine as one fused kernel in the feature map's dtype instead of element-wise passes and, in
     bf16/fp16, a float32 round trip per layer). What covidx's inference paths run is :func:`inference_copy`

@@ -154,7 +154,9 @@ def main(argv=None) -> int:
     except (DatasetError, TrainingError, WeightsNotFoundError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"\nrun finished: {run_dir.resolve()}\n  checkpoints: best.keras, last.keras\n  config: config.json  split: "
+    best = json.loads((run_dir / "best.json").read_text()) if (run_dir / "best.json").is_file() else {}
+    kept = f" (epoch {best['epoch']}: {best['monitor']} {best['value']:.4g})" if best else ""
+    print(f"\nrun finished: {run_dir.resolve()}\n  checkpoints: best.keras{kept}, last.keras\n  config: config.json  split: "
           f"split.csv  log: history.csv  curves: curves.png  tensorboard: tensorboard/")
     ends = json.loads((run_dir / END_OF_RUN).read_text()) if (run_dir / END_OF_RUN).is_file() else []
     for f in ends:

@@ -52,7 +52,11 @@ def test_train_writes_a_complete_run(tmp_path, dataset):
     split = pd.read_csv(run / "split.csv", keep_default_na=False)
     assert split.groupby("patient_id").split.nunique().max() == 1
     assert set(split.source) == {"kermany", "cohen"}
-    assert len(pd.read_csv(run / "history.csv")) == 2
+    history = pd.read_csv(run / "history.csv")
+    assert len(history) == 2
+    best = json.loads((run / "best.json").read_text())  # best.keras: the epoch with the highest validation AUC
+    assert best["monitor"] == "val_auc" and best["value"] == pytest.approx(history.val_auc.max())
+    assert f"best.keras (epoch {best['epoch']}: val_auc" in r.stdout
     card = (run / "MODEL_CARD.md").read_text()  # Mitchell et al. 2019 sections, filled from this run
     assert [h for h in card.splitlines() if h.startswith("## ")][:2] == ["## Model details", "## Intended use"]
     assert f"`{SMALL}`" in card and cfg["paper"] in card and "Not evaluated yet" in card

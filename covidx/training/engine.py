@@ -37,7 +37,7 @@ from covidx.precision import POLICIES, fused_batch_norms, precision_scope, resol
 from covidx.runs import CONFIG_FILE, LUNG_MASK, SPLIT_FILE, RunConfig
 from covidx.tasks import get_task
 from covidx.models.recipes import recipe_preset
-from covidx.training.callbacks import NetCheckpoint, TimeBudget, ValidationGap
+from covidx.training.callbacks import NetCheckpoint, TimeBudget, ValidationGap, checkpoint_monitor
 from covidx.training.distribute import (
     WorkerBackupAndRestore,
     broadcast_text,
@@ -356,7 +356,7 @@ def _train(cfg: TrainConfig, strategy, resume, chief: bool, scratch: Path) -> Pa
             versions={"covidx": covidx.__version__, "tensorflow": tf.__version__, "keras": keras.__version__},
             synthetic=not cfg.data, test_source=cfg.test_source, replicas=strategy.num_replicas_in_sync,
         ).save(run_dir)
-    monitor = "val_loss" if val_ds is not None else "loss"
+    monitor, mode = checkpoint_monitor(task.kind, val_ds is not None)
     done = completed_epochs(run_dir / "backup") if resume is not None else 0  # what every worker restores
     if resume is not None:
         print(f"resuming from epoch {done + 1} of {cfg.epochs} ({done} done, weights and optimizer state "
@@ -365,7 +365,7 @@ def _train(cfg: TrainConfig, strategy, resume, chief: bool, scratch: Path) -> Pa
     callbacks = [
         EpochSeeds(cfg.seed),  # Keras' random state per epoch from (seed, epoch): a resume repeats the run
         WorkerBackupAndRestore(run_dir / "backup", out_dir / "backup", delete_checkpoint=False),
-        NetCheckpoint(out_dir, monitor=monitor),
+        NetCheckpoint(out_dir, monitor=monitor, mode=mode),
         keras.callbacks.CSVLogger(str(out_dir / "history.csv"), append=True),
         LearningCurves(out_dir, f"{cfg.model}, --recipe {cfg.recipe}{', SYNTHETIC data' if not cfg.data else ''}"),
         keras.callbacks.TensorBoard(str(out_dir / "tensorboard"), write_graph=False, profile_batch=0),

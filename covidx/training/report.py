@@ -87,7 +87,8 @@ def _dice_per_image(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
 
 
 def split_figures(run_dir: str | Path, split: str = "val", seed: int = 0) -> dict | None:
-    """Score ``run_dir``'s best checkpoint on its ``split`` (from ``split.csv``); ``None`` if the split is empty.
+    """Score ``run_dir``'s best checkpoint (or the run's checkpoint file given, e.g. ``RUN/last.keras``) on its
+    ``split`` (from ``split.csv``); ``None`` if the split is empty.
 
     Returns ``{"split", "n", "kind", figures..., "beat_chance": bool, "line": str}``.
     """
