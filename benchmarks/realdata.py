@@ -59,6 +59,7 @@ from covidx.explain.runs import run_audit  # noqa: E402
 from covidx.precision import cpu_flags, cpu_model  # noqa: E402
 from covidx.runs import load_run, predict_table  # noqa: E402
 from covidx.train import TrainConfig, parse_key_values, train  # noqa: E402
+from covidx.training.callbacks import kept_checkpoint  # noqa: E402
 from covidx.training.report import split_figures  # noqa: E402
 
 CLASSIFIERS = ("baseline-resnet50", "seme-resnet50", "se-dpn92", "mag-sd", "ensemble")
@@ -111,7 +112,7 @@ def run_one(model: str, data: str, task: str, recipe: str, budget_s: float, out:
     saved = json.loads((run_dir / "config.json").read_text())
     # best.keras is the epoch with the best validation figure: the last epoch's, beside it, shows what that
     # choice (made on the same validation images) adds.
-    kept = json.loads((run_dir / "best.json").read_text())
+    kept = kept_checkpoint(run_dir)
     last = val if kept["epoch"] == epochs_done else split_figures(run_dir / "last.keras", "val", seed)
     return dict(model=model, recipe=recipe, run=str(run_dir), budget=budget, val=val, total_wall_s=total_wall,
                 kept=kept, val_last=last,

@@ -23,6 +23,7 @@ from covidx.models import get_spec, list_models
 from covidx.models.parameters import PARAMETERS
 from covidx.precision import PRECISIONS
 from covidx.tasks import get_task
+from covidx.training.callbacks import kept_checkpoint
 from covidx.training.engine import DEFAULT_MODEL, DEFAULT_RUN, TrainConfig, TrainingError, train
 from covidx.training.report import END_OF_RUN
 from covidx.weights import WeightsNotFoundError
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
     except (DatasetError, TrainingError, WeightsNotFoundError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    best = json.loads((run_dir / "best.json").read_text()) if (run_dir / "best.json").is_file() else {}
+    best = kept_checkpoint(run_dir)
     kept = f" (epoch {best['epoch']}: {best['monitor']} {best['value']:.4g})" if best else ""
     print(f"\nrun finished: {run_dir.resolve()}\n  checkpoints: best.keras{kept}, last.keras\n  config: config.json  split: "
           f"split.csv  log: history.csv  curves: curves.png  tensorboard: tensorboard/")

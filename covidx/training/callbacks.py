@@ -26,6 +26,15 @@ def checkpoint_monitor(kind: str, validation: bool) -> tuple[str, str]:
     return ("val_dice", "max") if kind == "segmentation" else ("val_auc", "max")
 
 
+BEST_STATE = "best.json"  # which epoch best.keras is: {"monitor", "value", "epoch"}
+
+
+def kept_checkpoint(run_dir: str | Path) -> dict:
+    """``best.json`` of a run folder (``{}`` when there is none): the monitor, value and epoch of ``best.keras``."""
+    state = Path(run_dir) / BEST_STATE
+    return json.loads(state.read_text()) if state.is_file() else {}
+
+
 class NetCheckpoint(keras.callbacks.Callback):
     """Save ``trainer.net`` as ``last.keras`` every epoch and ``best.keras`` when ``monitor`` improves.
 
@@ -37,8 +46,7 @@ class NetCheckpoint(keras.callbacks.Callback):
         super().__init__()
         self.run_dir = Path(run_dir)
         self.monitor, self.mode = monitor, mode
-        state = self.run_dir / "best.json"
-        saved = json.loads(state.read_text()) if state.is_file() else {}
+        saved = kept_checkpoint(self.run_dir)
         self.best = saved["value"] if saved.get("monitor") == monitor else (math.inf if mode == "min" else -math.inf)
 
     def _better(self, value: float) -> bool:
@@ -52,7 +60,7 @@ class NetCheckpoint(keras.callbacks.Callback):
         if value is not None and math.isfinite(float(value)) and self._better(float(value)):
             self.best = float(value)
             net.save(self.run_dir / "best.keras")
-            (self.run_dir / "best.json").write_text(
+            (self.run_dir / BEST_STATE).write_text(
                 json.dumps({"monitor": self.monitor, "value": self.best, "epoch": epoch + 1})
             )
 
