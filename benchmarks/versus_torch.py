@@ -30,8 +30,10 @@ resnet50-train-bf16   ResNet50 train step @224, mixed_bfloat16         the same 
 PyTorch inference runs under ``torch.inference_mode`` in NCHW and channels-last, each also with its
 conv-BN pairs fused by ``torch.fx.experimental.optimization.fuse`` (as covidx's inference copy folds
 them); the fastest of these (chosen at warm-up) is timed. covidx's training rows train the network as
-``python -m covidx.train`` does, every BN one fused kernel forward and backward
-(:func:`covidx.precision.fused_batch_norms`). Both frameworks use ``--threads`` threads (default: all cores).
+``python -m covidx.train`` does: every BN one fused kernel forward and backward
+(:func:`covidx.precision.fused_batch_norms`), bfloat16 kernel gradients as one matmul where oneDNN's
+kernel is slow (:func:`covidx.layers.grouped_conv.fast_convolutions`), each variable's SGD update one
+kernel (:class:`covidx.training.optimizers.FusedSGD`). Both frameworks use ``--threads`` threads (default: all cores).
 FLOPs per image are counted in PyTorch (``torch.utils.flop_counter``) on the reference and used for both
 sides' GFLOP/s (the architectures match to within the SE blocks / attention heads).
 
@@ -162,8 +164,10 @@ def tf_worker(args):
 
     import covidx.training  # noqa: F401  (registers the trainers)
     from covidx.models import create_model
+    from covidx.layers.grouped_conv import fast_convolutions
     from covidx.precision import fused_batch_norms, inference_copy, precision_scope
     from covidx.training.magsd import MagSDTrainer
+    from covidx.training.optimizers import FusedSGD
     from covidx.training.trainers import Trainer
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
@@ -197,9 +201,11 @@ def tf_worker(args):
                 out = fn(x)
                 (out[0] if isinstance(out, (list, tuple)) else out).numpy()
         else:
-            net = fused_batch_norms(net)  # what python -m covidx.train trains (BN one fused kernel each way)
+            # What python -m covidx.train trains: BN one fused kernel each way, bf16 kernel gradients as
+            # matmuls where faster, each variable's update one kernel.
+            net = fast_convolutions(fused_batch_norms(net))
             trainer = MagSDTrainer(net, seed=0) if row == "magsd-train" else Trainer(net)
-            trainer.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9), loss="categorical_crossentropy",
+            trainer.compile(optimizer=FusedSGD(1e-3, momentum=0.9), loss="categorical_crossentropy",
                             jit_compile=args.tf_jit)
             y = keras.utils.to_categorical(np.arange(batch) % NUM_CLASSES, NUM_CLASSES)
 

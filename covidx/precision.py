@@ -28,6 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from covidx.layers.grouped_conv import GroupedConv2D
 from covidx.layers.normalization import FusedBatchNormalization
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
@@ -95,9 +96,16 @@ def precision_scope(precision: str | None):
         keras.mixed_precision.set_global_policy(previous)
 
 
-_FUSED_BN = {k: v for k, v in keras.saving.serialize_keras_object(FusedBatchNormalization()).items()
-             if k in ("module", "class_name", "registered_name")}
+def _class_of(layer: keras.layers.Layer) -> dict:
+    """The keys naming ``layer``'s class in a model config."""
+    return {k: v for k, v in keras.saving.serialize_keras_object(layer).items()
+            if k in ("module", "class_name", "registered_name")}
+
+
+_FUSED_BN = _class_of(FusedBatchNormalization())
 BATCH_NORMS = ("BatchNormalization", _FUSED_BN["class_name"])  # a config's BN layers, Keras' or fused
+_COVIDX_CONV = _class_of(GroupedConv2D(1, 1))["registered_name"]
+_KERAS_CONV = _class_of(keras.layers.Conv2D(1, 1))
 
 
 _ZEROS = keras.saving.serialize_keras_object(keras.initializers.Zeros())
@@ -182,7 +190,8 @@ def _folded_weights(conv, bn) -> list[np.ndarray]:
 
 
 def _set_precision(model: keras.Model, config: dict, precision: str | None) -> bool:
-    """Turn ``config``'s BatchNormalization layers into :class:`FusedBatchNormalization` and set every layer
+    """Turn ``config``'s BatchNormalization layers into :class:`FusedBatchNormalization`, ungrouped covidx
+    ``Conv2D`` layers into Keras' own, and set every layer
     under a covidx policy but the outputs to ``precision``'s (``None``: each layer's own), the layers of
     :data:`STORED_IN_COMPUTE_TYPE` under a mixed policy to its pure 16-bit one; whether anything changed."""
     target = None if precision is None else POLICIES[resolve_precision(precision)]
@@ -191,6 +200,12 @@ def _set_precision(model: keras.Model, config: dict, precision: str | None) -> b
     for layer in config.get("layers", []):
         if layer.get("class_name") == "BatchNormalization":
             layer.update(_FUSED_BN)
+            changed = True
+        if layer.get("registered_name") == _COVIDX_CONV and layer["config"].get("groups", 1) == 1:
+            # covidx's Conv2D differs from Keras' only in its training gradient when ungrouped, and its
+            # custom-gradient identity op would stand between a convolution and the activation oneDNN
+            # fuses into it (covidx.layers.convolution).
+            layer.update(_KERAS_CONV)
             changed = True
         dtype = layer["config"].get("dtype")
         if (layer["config"].get("name") in keep or not isinstance(dtype, dict)

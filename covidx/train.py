@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fused-batchnorm", action=argparse.BooleanOptionalAction, default=True,
                     help="batch normalisation as one fused kernel forward and backward (default on; off: Keras' "
                          "element-wise BN, the same results within float rounding)")
+    ap.add_argument("--matmul-weight-grads", action=argparse.BooleanOptionalAction, default=True,
+                    help="bf16 convolutions' kernel gradients as one im2col matmul where oneDNN's kernel is slow "
+                         "(default on; off: TensorFlow's, the same values within float rounding)")
+    ap.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=True,
+                    help="each variable's Adam/SGD update as one TensorFlow kernel (default on; off: Keras' "
+                         "element-wise updates, the same values within float rounding)")
     ap.add_argument("--no-verify", dest="verify", action="store_false", help="skip the full decode check of every file")
     ap.add_argument("--steps-per-epoch", type=int, help="cap on steps per epoch (quick runs)")
     ap.add_argument("--synthetic-patients", type=int, default=60, help="patients (all classes) of the synthetic default")

@@ -1,6 +1,11 @@
-"""Grouped 2-D convolution that stays fast on CPUs, in training too (DPN's 3x3 group-32 convolutions).
+"""covidx's ``Conv2D``: Keras' layer, fast on CPUs in training too. Two cases differ from Keras':
 
-Why a layer of its own: Keras 3's TensorFlow backend wraps every grouped convolution
+* ``groups > 1`` (DPN's 3x3 group-32 convolutions), below.
+* Ungrouped layers computing in bfloat16 take their kernel gradient as one matrix product where
+  oneDNN's backward-weights kernel is slow (:mod:`covidx.layers.convolution`); what covidx trains has
+  every ``keras.layers.Conv2D`` swapped for this class (:func:`fast_convolutions`).
+
+Grouped convolutions: Keras 3's TensorFlow backend wraps every grouped convolution
 (``Conv2D(groups > 1)``) in a separate ``tf.function(jit_compile=True)``, because TensorFlow's
 plain Eigen CPU kernels reject ``feature_group_count > 1``. XLA's CPU emitter has no fast path for
 grouped convolutions, and its gradient is far worse. Measured with ``benchmarks/grouped_conv.py`` on a
@@ -36,6 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 import keras
 import numpy as np
 import tensorflow as tf
+
+from covidx.layers.convolution import conv2d, matmul_grad_applies
 
 _NATIVE_SUPPORT: dict[str, bool] = {}
 
@@ -87,9 +94,10 @@ def split_grouped_conv(x, kernel, strides, padding: str, groups: int, dilations=
 
 @keras.saving.register_keras_serializable(package="covidx")
 class Conv2D(keras.layers.Conv2D):
-    """``keras.layers.Conv2D`` with ``groups > 1``, computed without per-layer XLA (see module docstring).
+    """``keras.layers.Conv2D`` with ``groups > 1`` computed without per-layer XLA, and bfloat16 kernel gradients
+    as one matmul where :func:`~covidx.layers.convolution.matmul_grad_applies` (see module docstring).
 
-    Channels-last only (covidx's layout). With ``groups == 1`` it is exactly ``Conv2D``. Exported as
+    Channels-last only (covidx's layout). Its outputs are ``Conv2D``'s. Exported as
     :data:`GroupedConv2D`. The class is *named* ``Conv2D`` (registered as ``covidx>Conv2D``) because
     Keras names a layer's entries in a ``.weights.h5`` file after its class: with the same name, a
     weights file of a network built with ``keras.layers.Conv2D`` loads into one built with this layer
@@ -101,6 +109,12 @@ class Conv2D(keras.layers.Conv2D):
         if self.data_format != "channels_last":
             raise ValueError("GroupedConv2D supports data_format='channels_last' only")
 
+    def call(self, inputs):
+        if not matmul_grad_applies(self, inputs):
+            return super().call(inputs)
+        y = conv2d(inputs, self.kernel, self.bias if self.use_bias else None, tuple(self.strides), self.padding)
+        return self.activation(y) if self.activation is not None else y
+
     def convolution_op(self, inputs, kernel):
         if self.groups == 1 or keras.backend.backend() != "tensorflow":
             return super().convolution_op(inputs, kernel)
@@ -111,3 +125,15 @@ class Conv2D(keras.layers.Conv2D):
 
 
 GroupedConv2D = Conv2D
+
+
+def fast_convolutions(model: keras.Model) -> keras.Model:
+    """Make every ``keras.layers.Conv2D`` in ``model`` (nested models and sublayers included) covidx's
+    :class:`Conv2D`, in place, and return ``model``: what covidx trains, for its bfloat16 kernel gradients
+    (:mod:`covidx.layers.convolution`). The layer keeps its weights, state, config and, since the class has
+    Keras' name, the names of its entries in weights files; only ``call`` differs, so changing the class is
+    the whole swap. Swap before the model is compiled or called."""
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if type(layer) is keras.layers.Conv2D:
+            layer.__class__ = Conv2D
+    return model

@@ -33,6 +33,7 @@ from covidx.data.verify import verify_table
 from covidx.models import create_model, get_spec
 from covidx.model_card import write_model_card
 from covidx.models.cascade import TRAINING_HINT
+from covidx.layers.grouped_conv import fast_convolutions
 from covidx.precision import POLICIES, fused_batch_norms, precision_scope, resolve_precision
 from covidx.runs import CONFIG_FILE, LUNG_MASK, SPLIT_FILE, RunConfig
 from covidx.tasks import get_task
@@ -52,6 +53,7 @@ from covidx.training.schedules import WarmUp
 from covidx.training.lung_masks import attach_lung_masks
 from covidx.training.resume import EpochSeeds, completed_epochs, fast_forward
 from covidx.training.segmentation import DiceCoefficient, DiceCrossEntropyLoss, IoUScore
+from covidx.training.optimizers import FusedAdam, FusedSGD
 from covidx.training.trainers import get_trainer, resolve_jit_compile
 
 DEFAULT_MODEL = "baseline-mobilenetv2"
@@ -102,6 +104,8 @@ class TrainConfig:
     precision: str | None = None  # fp32 | bf16 | fp16 | auto (covidx.precision); None: fp16 if mixed_precision, else the preset's
     jit_compile: bool | None = None  # XLA-compile the train step; None: auto (resolve_jit_compile)
     fused_batchnorm: bool = True  # BN as one fused kernel forward and backward (covidx.precision.fused_batch_norms)
+    matmul_weight_grads: bool = True  # bf16 kernel gradients as im2col matmuls (covidx.layers.convolution)
+    fused_optimizer: bool = True  # each variable's Adam/SGD update as one kernel (covidx.training.optimizers)
     verify: bool = True
     steps_per_epoch: int | None = None  # cap (quick runs); None = one pass over the training split
     synthetic_patients: int = 60
@@ -182,9 +186,10 @@ def build_optimizer(cfg: TrainConfig, steps_per_epoch: int):
         lr = WarmUp(lr, warmup)
     wd = cfg.weight_decay or None
     if cfg.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=wd)
+        sgd = FusedSGD if cfg.fused_optimizer else keras.optimizers.SGD
+        return sgd(lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=wd)
     if cfg.optimizer == "adam":
-        return keras.optimizers.Adam(lr, weight_decay=wd)
+        return (FusedAdam if cfg.fused_optimizer else keras.optimizers.Adam)(lr, weight_decay=wd)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r} (sgd, adam)")
 
 
@@ -334,6 +339,8 @@ def _train(cfg: TrainConfig, strategy, resume, chief: bool, scratch: Path) -> Pa
                            channels=pre.channels, weights=cfg.weights, **cfg.model_kwargs)
         if cfg.fused_batchnorm:
             net = fused_batch_norms(net)
+        if cfg.matmul_weight_grads:
+            net = fast_convolutions(net)
         if cfg.sync_batchnorm:
             synchronize_batchnorm(net)
         trainer = trainer_cls(net, **cfg.trainer_kwargs)

@@ -1,0 +1,132 @@
+"""covidx's Conv2D with bfloat16 kernel gradients as im2col^T · dy, checked against NumPy and Keras' Conv2D."""
+
+import h5py
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from covidx.layers.convolution import SMALL_MAP, im2col, matmul_grad_applies
+from covidx.layers.grouped_conv import Conv2D, GroupedConv2D, fast_convolutions
+from covidx.precision import inference_copy, precision_scope
+
+CASES = [  # (map size, kernel, stride, padding, bias)
+    (8, 1, 2, "same", True), (4, 3, 1, "same", True), (7, 3, 2, "same", False),
+    (8, 3, 2, "valid", True), (5, 3, 1, "valid", True), (6, 5, 1, "same", False),
+]
+
+
+def _numpy_kernel_grad(x, dy, k, s, padding):
+    """dL/dW[i, j, c, o] = sum over n, oh, ow of x_padded[n, oh*s + i, ow*s + j, c] * dy[n, oh, ow, o]."""
+    n, h, w, _ = x.shape
+    _, oh, ow, _ = dy.shape
+    if padding == "same":
+        pad_h, pad_w = max((oh - 1) * s + k - h, 0), max((ow - 1) * s + k - w, 0)
+        x = np.pad(x, [(0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)])
+    grad = np.zeros((k, k, x.shape[-1], dy.shape[-1]))
+    for i in range(k):
+        for j in range(k):
+            patch = x[:, i:i + s * (oh - 1) + 1:s, j:j + s * (ow - 1) + 1:s, :]
+            grad[i, j] = np.einsum("nhwc,nhwo->co", patch, dy)
+    return grad
+
+
+@pytest.mark.parametrize("size, k, s, padding, bias", CASES)
+def test_gradients_equal_numpy_and_keras_conv2d(size, k, s, padding, bias):
+    rng = np.random.default_rng(size * 10 + k)
+    x = tf.constant(rng.normal(size=(3, size, size, 8)).astype("float32"))
+    with precision_scope("bf16"):
+        reference = keras.layers.Conv2D(6, k, strides=s, padding=padding, use_bias=bias,
+                                        bias_initializer="random_normal")
+        layer = Conv2D(6, k, strides=s, padding=padding, use_bias=bias)
+    reference.build(x.shape)
+    layer.build(x.shape)
+    layer.set_weights(reference.get_weights())
+    assert matmul_grad_applies(layer, tf.cast(x, tf.bfloat16))
+    results = []
+    for conv in (reference, layer):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = conv(x)
+            weights = tf.reshape(tf.cast(tf.range(tf.size(y)) % 7 - 3, tf.float32), y.shape)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) * weights)
+        results.append([y] + tape.gradient(loss, [x] + conv.trainable_weights))
+    for got, expected in zip(results[1], results[0]):
+        np.testing.assert_allclose(np.float32(got), np.float32(expected), rtol=2e-2, atol=2e-2)
+    x16 = tf.cast(tf.cast(x, tf.bfloat16), tf.float32).numpy().astype(np.float64)
+    expected = _numpy_kernel_grad(x16, weights.numpy().astype(np.float64), k, s, padding)
+    np.testing.assert_allclose(results[1][2].numpy(), expected, rtol=1e-2, atol=5e-2)
+    if bias:
+        np.testing.assert_allclose(results[1][3].numpy(), weights.numpy().sum(axis=(0, 1, 2)), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("k, s, padding", [(1, 1, "SAME"), (1, 2, "VALID"), (3, 1, "SAME"), (3, 2, "SAME"),
+                                           (3, 2, "VALID"), (5, 3, "SAME")])
+def test_im2col_equals_extract_patches(k, s, padding):
+    x = tf.constant(np.random.default_rng(k + s).normal(size=(2, 9, 7, 3)).astype("float32"))
+    expected = tf.image.extract_patches(x, [1, k, k, 1], [1, s, s, 1], [1, 1, 1, 1], padding)
+    np.testing.assert_array_equal(im2col(x, (k, k), (s, s), padding).numpy(), expected.numpy())
+
+
+def test_kernel_gradient_is_a_matmul_only_where_it_is_faster():
+    with precision_scope("bf16"):
+        pointwise, small, large = Conv2D(4, 1), Conv2D(4, 3, padding="same"), \
+            Conv2D(4, 3, strides=2, padding="same")
+    side = int(np.sqrt(SMALL_MAP))
+    assert matmul_grad_applies(pointwise, tf.zeros((1, 32, 32, 4), tf.bfloat16))
+    assert matmul_grad_applies(small, tf.zeros((1, side, side, 4), tf.bfloat16))
+    assert not matmul_grad_applies(small, tf.zeros((1, side + 1, side, 4), tf.bfloat16))  # a larger map: oneDNN's
+    assert matmul_grad_applies(large, tf.zeros((1, 2 * side, 2 * side, 4), tf.bfloat16))  # stride 2: 8x8 outputs
+    assert not matmul_grad_applies(pointwise, tf.zeros((1, 8, 8, 4), tf.float32))  # float32: oneDNN's kernel
+
+    x = tf.zeros((2, 8, 8, 4))
+    with precision_scope("bf16"):
+        layer = Conv2D(4, 1)
+    layer.build(x.shape)
+
+    @tf.function
+    def grads(x):
+        with tf.GradientTape() as tape:
+            y = layer(x)
+        return tape.gradient(y, layer.trainable_weights)
+
+    ops = [op.type for op in grads.get_concrete_function(x).graph.get_operations()]
+    assert "MatMul" in ops and "Conv2DBackpropFilter" not in ops
+
+
+def _entries(path):
+    with h5py.File(path, "r") as f:
+        names = []
+        f.visit(names.append)
+    return names
+
+
+def test_swapped_network_trains_saves_reloads_and_infers_as_keras_conv2d(tmp_path):
+    keras.utils.set_random_seed(0)
+    with precision_scope("bf16"):
+        inputs = keras.Input((8, 8, 3))
+        h = keras.layers.Conv2D(8, 3, padding="same", name="c1")(inputs)
+        h = keras.layers.BatchNormalization(name="bn")(h)
+        h = GroupedConv2D(8, 3, groups=2, padding="same", name="grouped")(keras.layers.ReLU()(h))
+        h = keras.layers.Conv2D(6, 1, activation="relu", name="c2")(h)
+        outputs = keras.layers.Dense(3, activation="softmax", dtype="float32")(keras.layers.GlobalAveragePooling2D()(h))
+        net = keras.Model(inputs, outputs)
+    net.save_weights(tmp_path / "keras.weights.h5")
+    assert fast_convolutions(net) is net
+    assert all(type(net.get_layer(name)) is Conv2D for name in ("c1", "grouped", "c2"))
+    net.save_weights(tmp_path / "covidx.weights.h5")  # entries named after the class: the same names
+    assert _entries(tmp_path / "covidx.weights.h5") == _entries(tmp_path / "keras.weights.h5")
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype("float32")
+    y = keras.utils.to_categorical([0, 1, 2, 0], 3)
+    net.compile(optimizer="adam", loss="categorical_crossentropy")
+    before = net.get_layer("c1").kernel.numpy().copy()
+    net.fit(x, y, epochs=2, verbose=0)
+    assert not np.allclose(before, net.get_layer("c1").kernel.numpy())
+    net.save(tmp_path / "net.keras")
+    again = keras.models.load_model(tmp_path / "net.keras", safe_mode=True, compile=False)
+    assert type(again.get_layer("c2")) is Conv2D
+    np.testing.assert_allclose(again.predict(x, verbose=0), net.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    copy = inference_copy(again, "bf16")
+    assert [type(copy.get_layer(name)) for name in ("grouped", "c2")] == [Conv2D, keras.layers.Conv2D]
+    assert type(copy.get_layer("bn")) is keras.layers.Conv2D  # c1 + bn folded into a plain convolution
+    np.testing.assert_allclose(copy.predict(x, verbose=0), net.predict(x, verbose=0), atol=3e-2)
