@@ -76,3 +76,12 @@ def test_fused_optimizers_reload_from_config():
     for opt in (FusedAdam(1e-3, weight_decay=0.01), FusedSGD(0.1, momentum=0.9, nesterov=True)):
         again = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
         assert type(again) is type(opt) and again.get_config() == opt.get_config()
+
+
+def test_training_builds_the_fused_optimizers_unless_turned_off():
+    from covidx.training.engine import TrainConfig, build_optimizer
+
+    assert type(build_optimizer(TrainConfig(optimizer="adam"), 10)) is FusedAdam
+    assert type(build_optimizer(TrainConfig(optimizer="sgd"), 10)) is FusedSGD
+    assert type(build_optimizer(TrainConfig(optimizer="adam", fused_optimizer=False), 10)) is keras.optimizers.Adam
+    assert type(build_optimizer(TrainConfig(optimizer="sgd", fused_optimizer=False), 10)) is keras.optimizers.SGD
