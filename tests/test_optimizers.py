@@ -81,7 +81,9 @@ def test_fused_optimizers_reload_from_config():
 def test_training_builds_the_fused_optimizers_unless_turned_off():
     from covidx.training.engine import TrainConfig, build_optimizer
 
-    assert type(build_optimizer(TrainConfig(optimizer="adam"), 10)) is FusedAdam
-    assert type(build_optimizer(TrainConfig(optimizer="sgd"), 10)) is FusedSGD
-    assert type(build_optimizer(TrainConfig(optimizer="adam", fused_optimizer=False), 10)) is keras.optimizers.Adam
-    assert type(build_optimizer(TrainConfig(optimizer="sgd", fused_optimizer=False), 10)) is keras.optimizers.SGD
+    def built(**kwargs):
+        return type(build_optimizer(TrainConfig(epochs=2, learning_rate=1e-3, min_learning_rate=0.0, schedule="cosine", momentum=0.9, **kwargs), 10))
+
+    assert built(optimizer="adam") is FusedAdam and built(optimizer="sgd") is FusedSGD
+    assert built(optimizer="adam", fused_optimizer=False) is keras.optimizers.Adam
+    assert built(optimizer="sgd", fused_optimizer=False) is keras.optimizers.SGD
