@@ -213,6 +213,28 @@ def test_dual_path_split():
     assert dpn.DualPathSplit.from_config(dpn.DualPathSplit(5).get_config()).residual_channels == 5
 
 
+def test_dual_path_split_gradient_is_one_concatenation():
+    """The split's gradient is the two parts' gradients side by side, without a zero-filled map per part."""
+    import tensorflow as tf
+
+    split = dpn.DualPathSplit(5)
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(2, 3, 3, 7)).astype("float32"))
+    wa, wb = rng.normal(size=(2, 3, 3, 5)).astype("float32"), rng.normal(size=(2, 3, 3, 2)).astype("float32")
+
+    @tf.function
+    def grad(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            a, b = split(x)
+            loss = tf.reduce_sum(a * wa) + tf.reduce_sum(b * wb)
+        return tape.gradient(loss, x)
+
+    np.testing.assert_allclose(grad(x), np.concatenate([wa, wb], axis=-1), rtol=1e-6)
+    ops = {op.type for op in grad.get_concrete_function(x).graph.get_operations()}
+    assert not ops & {"StridedSliceGrad", "AddN"}, ops
+
+
 # ---------------------------------------------------------------- full-size models (built once each)
 
 
