@@ -9,7 +9,9 @@ Two parts, both printed:
 2. Whole training steps (Trainer + categorical cross-entropy, random images, fixed batch) of a model
    with Keras' Adam and TensorFlow's kernels, with :class:`~covidx.training.optimizers.FusedAdam`, and
    with both FusedAdam and :func:`~covidx.layers.grouped_conv.fast_convolutions`: images per second
-   and process CPU seconds per step (what ``benchmarks/realdata.py``'s budget counts), medians.
+   and process CPU seconds per step (what ``benchmarks/realdata.py``'s budget counts), medians. For a
+   DPN (``--model se-dpn92``) also the last with the dual-path split as two slices, as before session 13
+   (:class:`~covidx.models.dpn.DualPathSplit`).
 
 Usage::
 
@@ -35,6 +37,8 @@ import tensorflow as tf  # noqa: E402
 from covidx.layers.convolution import im2col  # noqa: E402
 from covidx.layers.grouped_conv import fast_convolutions  # noqa: E402
 from covidx.models import create_model  # noqa: E402
+from covidx.models.dpn import DualPathSplit  # noqa: E402
+from covidx.models.recipes import family  # noqa: E402
 from covidx.precision import cpu_model, fused_batch_norms, precision_scope, resolve_precision  # noqa: E402
 from covidx.training.optimizers import FusedAdam  # noqa: E402
 from covidx.training.trainers import Trainer  # noqa: E402
@@ -74,6 +78,14 @@ def per_layer(dtype) -> None:
               f"{median_ms(matmul):.2f} | {diff:.4f} |", flush=True)
 
 
+class SlicedSplit(DualPathSplit):
+    """DPN's split as it was before session 13: two slices, whose gradients are two zero-filled maps of the
+    whole width and their sum (``covidx.models.dpn.DualPathSplit`` is one ``tf.split``)."""
+
+    def call(self, x):
+        return [x[..., : self.residual_channels], x[..., self.residual_channels :]]
+
+
 def train_steps(args) -> None:
     print(f"\ntraining step, {args.model} @{args.size} px, batch {args.batch}, {args.precision} "
           f"(median of {args.steps} steps)")
@@ -82,15 +94,21 @@ def train_steps(args) -> None:
     rng = np.random.default_rng(0)
     x = tf.constant(rng.uniform(0, 255, (args.batch, args.size, args.size, 1)).astype("float32"))
     y = keras.utils.to_categorical(np.arange(args.batch) % 3, 3)
-    variants = {"Keras Adam, TensorFlow's kernel gradients": (keras.optimizers.Adam, False),
-                "FusedAdam": (FusedAdam, False),
-                "FusedAdam + fast_convolutions (what covidx trains)": (FusedAdam, True)}
-    for name, (optimizer, fast) in variants.items():
+    variants = {"Keras Adam, TensorFlow's kernel gradients": (keras.optimizers.Adam, False, False),
+                "FusedAdam": (FusedAdam, False, False),
+                "FusedAdam + fast_convolutions (what covidx trains)": (FusedAdam, True, False)}
+    if family(args.model) == "dpn":
+        variants["the same, the dual-path split as two slices (before session 13)"] = (FusedAdam, True, True)
+    for name, (optimizer, fast, sliced) in variants.items():
         keras.backend.clear_session()
         with precision_scope(args.precision):
             net = fused_batch_norms(create_model(args.model, num_classes=3, image_size=args.size, channels=1))
         if fast:
             fast_convolutions(net)
+        if sliced:
+            for layer in net.layers:
+                if type(layer) is DualPathSplit:
+                    layer.__class__ = SlicedSplit
         trainer = Trainer(net)
         trainer.compile(optimizer=optimizer(1e-3), loss="categorical_crossentropy")
         for _ in range(3):

@@ -28,7 +28,7 @@ DOCUMENTED = {
                       batch_size=16),
     "se-dpn92": dict(precision="auto",
                      optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=0.3,
-                     image_size=128, epochs=5, batch_size=16, resize="crop", augment="se-dpn"),
+                     image_size=128, epochs=6, batch_size=16, resize="crop", augment="light"),
     "mag-sd": dict(precision="auto",
                    optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=0.3, image_size=128,
                    epochs=6, batch_size=16, weight_decay=0.0, augment="light", trainer="magsd", clahe_prob=1.0,
