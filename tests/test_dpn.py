@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import keras
+import tensorflow as tf
 
 from covidx.layers import SqueezeExcite
 from covidx.models import create_model, get_spec
@@ -215,8 +216,6 @@ def test_dual_path_split():
 
 def test_dual_path_split_gradient_is_one_concatenation():
     """The split's gradient is the two parts' gradients side by side, without a zero-filled map per part."""
-    import tensorflow as tf
-
     split = dpn.DualPathSplit(5)
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(2, 3, 3, 7)).astype("float32"))
