@@ -251,6 +251,8 @@ def main(argv=None) -> int:
                     help="fp32 | bf16 | fp16 | auto for every run (default: each recipe's own: quick auto, paper fp32)")
     ap.add_argument("--unet-image-size", type=int)
     ap.add_argument("--model-arg", action="append", default=[], metavar="MODEL:KEY=VALUE")
+    ap.add_argument("--trainer", help="override the recipes' train step for --models (e.g. moex for "
+                                      "seme-densenet169, whose regional step needs lung masks)")
     ap.add_argument("--regional", action="store_true",
                     help="Regional Learning on --kermany: SEME-DenseNet169 with and without eq. 6, audited")
     ap.add_argument("--lung-masks", metavar="LUNG_RUN",
@@ -288,7 +290,8 @@ def main(argv=None) -> int:
             r = run_one(model, data, task, recipe, minutes * 60 * args.cores, out,
                         epochs if recipe == "quick" else None, size if recipe == "quick" else None,
                         kwargs.get(model, {}), args.seed, args.steps_per_epoch if task != "lungs" else None,
-                        args.precision, args.batch_size if recipe == "quick" and task != "lungs" else None)
+                        args.precision, args.batch_size if recipe == "quick" and task != "lungs" else None,
+                        args.trainer if task != "lungs" else None)
             r["machine"] = measured_on
             results.append(r)
             print("RESULT " + fmt(r), flush=True)

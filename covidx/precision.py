@@ -28,6 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from covidx.layers.convolution import DepthwiseConv2D
 from covidx.layers.grouped_conv import GroupedConv2D
 from covidx.layers.normalization import FusedBatchNormalization
 
@@ -106,6 +107,8 @@ _FUSED_BN = _class_of(FusedBatchNormalization())
 BATCH_NORMS = ("BatchNormalization", _FUSED_BN["class_name"])  # a config's BN layers, Keras' or fused
 _COVIDX_CONV = _class_of(GroupedConv2D(1, 1))["registered_name"]
 _KERAS_CONV = _class_of(keras.layers.Conv2D(1, 1))
+_COVIDX_DEPTHWISE = _class_of(DepthwiseConv2D(1))["registered_name"]
+_KERAS_DEPTHWISE = _class_of(keras.layers.DepthwiseConv2D(1))
 
 
 _ZEROS = keras.saving.serialize_keras_object(keras.initializers.Zeros())
@@ -191,7 +194,7 @@ def _folded_weights(conv, bn) -> list[np.ndarray]:
 
 def _set_precision(model: keras.Model, config: dict, precision: str | None) -> bool:
     """Turn ``config``'s BatchNormalization layers into :class:`FusedBatchNormalization`, ungrouped covidx
-    ``Conv2D`` layers into Keras' own, and set every layer
+    ``Conv2D`` and ``DepthwiseConv2D`` layers into Keras' own, and set every layer
     under a covidx policy but the outputs to ``precision``'s (``None``: each layer's own), the layers of
     :data:`STORED_IN_COMPUTE_TYPE` under a mixed policy to its pure 16-bit one; whether anything changed."""
     target = None if precision is None else POLICIES[resolve_precision(precision)]
@@ -206,6 +209,9 @@ def _set_precision(model: keras.Model, config: dict, precision: str | None) -> b
             # custom-gradient identity op would stand between a convolution and the activation oneDNN
             # fuses into it (covidx.layers.convolution).
             layer.update(_KERAS_CONV)
+            changed = True
+        if layer.get("registered_name") == _COVIDX_DEPTHWISE:  # the same, for its float32 kernel gradient
+            layer.update(_KERAS_DEPTHWISE)
             changed = True
         dtype = layer["config"].get("dtype")
         if (layer["config"].get("name") in keep or not isinstance(dtype, dict)

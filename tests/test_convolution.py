@@ -1,4 +1,5 @@
-"""covidx's Conv2D with bfloat16 kernel gradients as im2col^T · dy, checked against NumPy and Keras' Conv2D."""
+"""covidx's Conv2D with bfloat16 kernel gradients as im2col^T · dy, and its DepthwiseConv2D with float32 kernel
+gradients, checked against NumPy and Keras' layers."""
 
 import h5py
 import keras
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from covidx.layers.convolution import SMALL_MAP, im2col, matmul_grad_applies
+from covidx.layers.convolution import (SMALL_MAP, DepthwiseConv2D, fp32_depthwise_grad_applies, im2col,
+                                      matmul_grad_applies)
 from covidx.layers.grouped_conv import Conv2D, GroupedConv2D, fast_convolutions
 from covidx.precision import inference_copy, precision_scope
 
@@ -16,18 +18,32 @@ CASES = [  # (map size, kernel, stride, padding, bias)
 ]
 
 
-def _numpy_kernel_grad(x, dy, k, s, padding):
-    """dL/dW[i, j, c, o] = sum over n, oh, ow of x_padded[n, oh*s + i, ow*s + j, c] * dy[n, oh, ow, o]."""
+def _patches(x, dy, k, s, padding):
+    """(i, j, the input rows and columns that kernel tap (i, j) meets, one per output position)."""
     n, h, w, _ = x.shape
-    _, oh, ow, _ = dy.shape
+    oh, ow = dy.shape[1:3]
     if padding == "same":
         pad_h, pad_w = max((oh - 1) * s + k - h, 0), max((ow - 1) * s + k - w, 0)
         x = np.pad(x, [(0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)])
-    grad = np.zeros((k, k, x.shape[-1], dy.shape[-1]))
     for i in range(k):
         for j in range(k):
-            patch = x[:, i:i + s * (oh - 1) + 1:s, j:j + s * (ow - 1) + 1:s, :]
-            grad[i, j] = np.einsum("nhwc,nhwo->co", patch, dy)
+            yield i, j, x[:, i:i + s * (oh - 1) + 1:s, j:j + s * (ow - 1) + 1:s, :]
+
+
+def _numpy_kernel_grad(x, dy, k, s, padding):
+    """dL/dW[i, j, c, o] = sum over n, oh, ow of x_padded[n, oh*s + i, ow*s + j, c] * dy[n, oh, ow, o]."""
+    grad = np.zeros((k, k, x.shape[-1], dy.shape[-1]))
+    for i, j, patch in _patches(x, dy, k, s, padding):
+        grad[i, j] = np.einsum("nhwc,nhwo->co", patch, dy)
+    return grad
+
+
+def _numpy_depthwise_kernel_grad(x, dy, k, s, padding, multiplier):
+    """dL/dW[i, j, c, m] = sum over n, oh, ow of x_padded[n, oh*s + i, ow*s + j, c] * dy[n, oh, ow, c*M + m]."""
+    dy = dy.reshape(*dy.shape[:3], x.shape[-1], multiplier)
+    grad = np.zeros((k, k, x.shape[-1], multiplier))
+    for i, j, patch in _patches(x, dy, k, s, padding):
+        grad[i, j] = np.einsum("nhwc,nhwcm->cm", patch, dy)
     return grad
 
 
@@ -94,6 +110,58 @@ def test_kernel_gradient_is_a_matmul_only_where_it_is_faster():
     assert "MatMul" in ops and "Conv2DBackpropFilter" not in ops
 
 
+@pytest.mark.parametrize("size, k, s, padding, multiplier, bias", [
+    (8, 5, 1, "same", 1, False), (9, 5, 2, "same", 2, True), (8, 5, 2, "valid", 1, True), (6, 7, 1, "same", 1, False)])
+def test_depthwise_gradients_equal_numpy_and_keras(size, k, s, padding, multiplier, bias):
+    rng = np.random.default_rng(size * 10 + k + s)
+    x = tf.constant(rng.normal(size=(3, size, size, 4)).astype("float32"))
+    with precision_scope("bf16"):
+        reference = keras.layers.DepthwiseConv2D(k, strides=s, padding=padding, depth_multiplier=multiplier,
+                                                 use_bias=bias, bias_initializer="random_normal")
+        layer = DepthwiseConv2D(k, strides=s, padding=padding, depth_multiplier=multiplier, use_bias=bias)
+    reference.build(x.shape)
+    layer.build(x.shape)
+    layer.set_weights(reference.get_weights())
+    assert fp32_depthwise_grad_applies(layer, tf.cast(x, tf.bfloat16))
+    results = []
+    for conv in (reference, layer):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = conv(x)
+            weights = tf.reshape(tf.cast(tf.range(tf.size(y)) % 7 - 3, tf.float32), y.shape)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) * weights)
+        results.append([y] + tape.gradient(loss, [x] + conv.trainable_weights))
+    for got, expected in zip(results[1], results[0]):
+        np.testing.assert_allclose(np.float32(got), np.float32(expected), rtol=2e-2, atol=5e-2)
+    x16 = tf.cast(tf.cast(x, tf.bfloat16), tf.float32).numpy().astype(np.float64)
+    expected = _numpy_depthwise_kernel_grad(x16, weights.numpy().astype(np.float64), k, s, padding, multiplier)
+    np.testing.assert_allclose(results[1][2].numpy(), expected, rtol=1e-2, atol=5e-2)
+    if bias:
+        np.testing.assert_allclose(results[1][3].numpy(), weights.numpy().sum(axis=(0, 1, 2)), rtol=1e-2, atol=1e-2)
+
+
+def test_depthwise_kernel_gradient_in_float32_only_for_large_bfloat16_kernels():
+    with precision_scope("bf16"):
+        five, three = DepthwiseConv2D(5, padding="same"), DepthwiseConv2D(3, padding="same")
+    x = tf.zeros((2, 8, 8, 4), tf.bfloat16)
+    assert fp32_depthwise_grad_applies(five, x)
+    assert not fp32_depthwise_grad_applies(three, x)  # oneDNN's bfloat16 kernel is fast for 3x3
+    assert not fp32_depthwise_grad_applies(five, tf.zeros((2, 8, 8, 4)))  # float32 anyway
+    five.build(x.shape)
+
+    @tf.function
+    def grads(x):
+        with tf.GradientTape() as tape:
+            y = five(x)
+        return tape.gradient(y, five.trainable_weights)
+
+    graph = grads.get_concrete_function(tf.zeros((2, 8, 8, 4))).graph
+    filters = [op for op in graph.get_operations() if op.type == "DepthwiseConv2dNativeBackpropFilter"]
+    assert [op.inputs[0].dtype for op in filters] == [tf.float32]
+    forward = [op for op in graph.get_operations() if op.type == "DepthwiseConv2dNative"]
+    assert [op.inputs[0].dtype for op in forward] == [tf.bfloat16]
+
+
 def _entries(path):
     with h5py.File(path, "r") as f:
         names = []
@@ -109,11 +177,13 @@ def test_swapped_network_trains_saves_reloads_and_infers_as_keras_conv2d(tmp_pat
         h = keras.layers.BatchNormalization(name="bn")(h)
         h = GroupedConv2D(8, 3, groups=2, padding="same", name="grouped")(keras.layers.ReLU()(h))
         h = keras.layers.Conv2D(6, 1, activation="relu", name="c2")(h)
+        h = keras.layers.DepthwiseConv2D(5, padding="same", name="dw")(h)
         outputs = keras.layers.Dense(3, activation="softmax", dtype="float32")(keras.layers.GlobalAveragePooling2D()(h))
         net = keras.Model(inputs, outputs)
     net.save_weights(tmp_path / "keras.weights.h5")
     assert fast_convolutions(net) is net
     assert all(type(net.get_layer(name)) is Conv2D for name in ("c1", "grouped", "c2"))
+    assert type(net.get_layer("dw")) is DepthwiseConv2D
     net.save_weights(tmp_path / "covidx.weights.h5")  # entries named after the class: the same names
     assert _entries(tmp_path / "covidx.weights.h5") == _entries(tmp_path / "keras.weights.h5")
     x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype("float32")
@@ -124,9 +194,10 @@ def test_swapped_network_trains_saves_reloads_and_infers_as_keras_conv2d(tmp_pat
     assert not np.allclose(before, net.get_layer("c1").kernel.numpy())
     net.save(tmp_path / "net.keras")
     again = keras.models.load_model(tmp_path / "net.keras", safe_mode=True, compile=False)
-    assert type(again.get_layer("c2")) is Conv2D
+    assert type(again.get_layer("c2")) is Conv2D and type(again.get_layer("dw")) is DepthwiseConv2D
     np.testing.assert_allclose(again.predict(x, verbose=0), net.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
     copy = inference_copy(again, "bf16")
-    assert [type(copy.get_layer(name)) for name in ("grouped", "c2")] == [Conv2D, keras.layers.Conv2D]
+    assert [type(copy.get_layer(name)) for name in ("grouped", "c2", "dw")] == [
+        Conv2D, keras.layers.Conv2D, keras.layers.DepthwiseConv2D]
     assert type(copy.get_layer("bn")) is keras.layers.Conv2D  # c1 + bn folded into a plain convolution
     np.testing.assert_allclose(copy.predict(x, verbose=0), net.predict(x, verbose=0), atol=3e-2)

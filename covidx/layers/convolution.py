@@ -35,6 +35,26 @@ covidx's :class:`~covidx.layers.grouped_conv.Conv2D` computes its gradient this 
 model for training (as :func:`covidx.precision.fused_batch_norms` does for BN), and inference copies
 turn its ungrouped layers back into Keras' ``Conv2D`` (:mod:`covidx.precision`), since the custom
 gradient's identity op would stand between a convolution and the activation oneDNN fuses into it.
+
+Depthwise convolutions (EfficientNetB0's, in the ensemble) have the opposite problem: oneDNN's bfloat16
+backward-weights kernel is fine for 3x3 but slow for 5x5, slower than the same gradient in float32
+including the casts of the input and the output gradient there and of the result back. Measured with
+``python benchmarks/training_kernels.py --depthwise`` on a 2-core Xeon with AMX-BF16, batch 16,
+EfficientNetB0's 5x5 layers at 128 px, milliseconds (median of 20):
+
+================================  ===================  =====================
+5x5 depthwise kernel gradient of  oneDNN in bfloat16   float32 (with casts)
+================================  ===================  =====================
+32x32x144, stride 2 (block3a)     13.6                 3.6
+16x16x240 (block3b)               17.6                 4.0
+8x8x672 (block5b-c)               14.4                 3.5
+4x4x1152 (block6b-d)              14.0                 3.6
+================================  ===================  =====================
+
+So :class:`DepthwiseConv2D` computes a bfloat16 layer's kernel gradient in float32 where the kernel is
+larger than 3x3 (:func:`fp32_depthwise_grad_applies`); its forward pass and input gradient stay oneDNN's
+bfloat16 kernels. (A matmul formulation does not help here: a depthwise kernel gradient is one small
+reduction per channel, not a matrix product.)
 """
 
 from __future__ import annotations
@@ -113,3 +133,51 @@ def matmul_grad_applies(conv: keras.layers.Conv2D, inputs) -> bool:
     out = [-(-n // s) if conv.padding == "same" else (n - k) // s + 1
            for n, k, s in zip(inputs.shape[1:3], conv.kernel_size, conv.strides)]
     return out[0] * out[1] <= SMALL_MAP
+
+
+def depthwise_conv2d(x, kernel, strides: tuple[int, int], padding: str):
+    """``depthwise_conv2d(x, kernel)`` (NHWC, depth multiplier ``kernel.shape[3]``) with the kernel's gradient
+    computed in float32 (module docstring) and the input's as TensorFlow's, in ``x``'s dtype."""
+    padding = padding.upper()
+    tf_strides = [1, strides[0], strides[1], 1]
+
+    @tf.custom_gradient
+    def conv(x, kernel):
+        y = tf.nn.depthwise_conv2d(x, kernel, tf_strides, padding)
+
+        def grad(dy):
+            dx = tf.raw_ops.DepthwiseConv2dNativeBackpropInput(
+                input_sizes=tf.shape(x), filter=kernel, out_backprop=dy, strides=tf_strides, padding=padding)
+            dkernel = tf.raw_ops.DepthwiseConv2dNativeBackpropFilter(
+                input=tf.cast(x, tf.float32), filter_sizes=tf.shape(kernel), out_backprop=tf.cast(dy, tf.float32),
+                strides=tf_strides, padding=padding)
+            return dx, tf.cast(dkernel, kernel.dtype)
+
+        return y, grad
+
+    return conv(tf.convert_to_tensor(x), tf.convert_to_tensor(kernel))
+
+
+def fp32_depthwise_grad_applies(conv: keras.layers.DepthwiseConv2D, inputs) -> bool:
+    """Whether ``conv``'s kernel gradient on ``inputs`` is faster in float32 (module docstring): bfloat16
+    compute, channels-last, no dilation, and a kernel larger than 3x3."""
+    return (max(conv.kernel_size) > 3 and tuple(conv.dilation_rate) == (1, 1)
+            and conv.data_format == "channels_last" and len(inputs.shape) == 4
+            and keras.backend.standardize_dtype(inputs.dtype) == "bfloat16")
+
+
+@keras.saving.register_keras_serializable(package="covidx")
+class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
+    """``keras.layers.DepthwiseConv2D`` whose bfloat16 kernel gradient is computed in float32 where
+    :func:`fp32_depthwise_grad_applies` (module docstring). Its outputs, weights and config are Keras'; named
+    like Keras' class (registered as ``covidx>DepthwiseConv2D``) so that weights files load either way, as
+    :class:`covidx.layers.grouped_conv.Conv2D`. :func:`~covidx.layers.grouped_conv.fast_convolutions` swaps it
+    into what covidx trains; inference copies turn it back into Keras' (:mod:`covidx.precision`)."""
+
+    def call(self, inputs):
+        if not fp32_depthwise_grad_applies(self, inputs):
+            return super().call(inputs)
+        y = depthwise_conv2d(inputs, self.kernel, tuple(self.strides), self.padding)
+        if self.use_bias:
+            y = tf.nn.bias_add(y, self.bias)
+        return self.activation(y) if self.activation is not None else y

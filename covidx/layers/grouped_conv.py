@@ -42,7 +42,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from covidx.layers.convolution import conv2d, matmul_grad_applies
+from covidx.layers.convolution import DepthwiseConv2D, conv2d, matmul_grad_applies
 
 _NATIVE_SUPPORT: dict[str, bool] = {}
 
@@ -129,11 +129,13 @@ GroupedConv2D = Conv2D
 
 def fast_convolutions(model: keras.Model) -> keras.Model:
     """Make every ``keras.layers.Conv2D`` in ``model`` (nested models and sublayers included) covidx's
-    :class:`Conv2D`, in place, and return ``model``: what covidx trains, for its bfloat16 kernel gradients
-    (:mod:`covidx.layers.convolution`). The layer keeps its weights, state, config and, since the class has
-    Keras' name, the names of its entries in weights files; only ``call`` differs, so changing the class is
-    the whole swap. Swap before the model is compiled or called."""
+    :class:`Conv2D`, and every ``keras.layers.DepthwiseConv2D`` covidx's
+    :class:`~covidx.layers.convolution.DepthwiseConv2D`, in place, and return ``model``: what covidx trains, for
+    their bfloat16 kernel gradients (:mod:`covidx.layers.convolution`). A layer keeps its weights, state, config
+    and, since each class has Keras' name, the names of its entries in weights files; only ``call`` differs, so
+    changing the class is the whole swap. Swap before the model is compiled or called."""
+    swaps = {keras.layers.Conv2D: Conv2D, keras.layers.DepthwiseConv2D: DepthwiseConv2D}
     for layer in model._flatten_layers(include_self=False, recursive=True):
-        if type(layer) is keras.layers.Conv2D:
-            layer.__class__ = Conv2D
+        if type(layer) in swaps:
+            layer.__class__ = swaps[type(layer)]
     return model
