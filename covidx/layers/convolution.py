@@ -39,22 +39,27 @@ gradient's identity op would stand between a convolution and the activation oneD
 Depthwise convolutions (EfficientNetB0's, in the ensemble) have the opposite problem: oneDNN's bfloat16
 backward-weights kernel is fine for 3x3 but slow for 5x5, slower than the same gradient in float32
 including the casts of the input and the output gradient there and of the result back. Measured with
-``python benchmarks/training_kernels.py --depthwise`` on a 2-core Xeon with AMX-BF16, batch 16,
+``python benchmarks/training_kernels.py --model ensemble`` on a 2-core Xeon with AMX-BF16, batch 16,
 EfficientNetB0's 5x5 layers at 128 px, milliseconds (median of 20):
 
-================================  ===================  =====================
-5x5 depthwise kernel gradient of  oneDNN in bfloat16   float32 (with casts)
-================================  ===================  =====================
-32x32x144, stride 2 (block3a)     13.6                 3.6
-16x16x240 (block3b)               17.6                 4.0
-8x8x672 (block5b-c)               14.4                 3.5
-4x4x1152 (block6b-d)              14.0                 3.6
-================================  ===================  =====================
+===============================  ===================  =====================
+5x5 depthwise kernel gradient    oneDNN in bfloat16   float32 (with casts)
+===============================  ===================  =====================
+32x32x144, stride 2 (block3a)    14.6                 4.0
+16x16x240 (block3b)              19.1                 4.1
+8x8x480 (block5a)                13.7                 2.8
+8x8x672 (block5b-c)              17.0                 3.8
+8x8x672, stride 2 (block6a)      10.0                 2.5
+4x4x1152 (block6b-d)             14.3                 3.7
+===============================  ===================  =====================
+
+while for 3x3 the bfloat16 kernel is as fast or faster (0.3-2.2 ms against 0.5-3.1). An ensemble training
+step (128 px, batch 16, bfloat16) went from 2.32 to 2.15 CPU seconds (13.3 to 14.3 images/s).
 
 So :class:`DepthwiseConv2D` computes a bfloat16 layer's kernel gradient in float32 where the kernel is
 larger than 3x3 (:func:`fp32_depthwise_grad_applies`); its forward pass and input gradient stay oneDNN's
-bfloat16 kernels. (A matmul formulation does not help here: a depthwise kernel gradient is one small
-reduction per channel, not a matrix product.)
+bfloat16 kernels. (The same sums as shifted multiply-reduces or one einsum measured slower still, 13-84 ms:
+a depthwise kernel gradient is one small reduction per channel, not a matrix product.)
 """
 
 from __future__ import annotations
