@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", dest="learning_rate", type=float, help="initial (eta_max) learning rate")
     ap.add_argument("--min-lr", dest="min_learning_rate", type=float, help="eta_min of cosine annealing")
     ap.add_argument("--warmup-epochs", type=float, help="linear learning-rate warm-up (epochs) before the schedule")
+    ap.add_argument("--lr-scale", dest="lr_scales", action="append", metavar="LAYER=FACTOR",
+                    help="train layer LAYER at FACTOR x the learning rate (repeatable; replaces the recipe's, "
+                         "e.g. --lr-scale predictions=1 undoes MAG-SD's quick one)")
     ap.add_argument("--momentum", type=float)
     ap.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--weight-decay", type=float)
@@ -137,6 +140,15 @@ def parse_key_values(items) -> dict:
     return out
 
 
+def parse_lr_scales(items) -> dict:
+    """``["predictions=0.01"]`` -> ``{"predictions": 0.01}``; a factor must be a positive number."""
+    scales = parse_key_values(items)
+    bad = [f"{k}={v}" for k, v in scales.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0]
+    if bad:
+        raise ValueError(f"--lr-scale takes LAYER=FACTOR with a positive number, got {', '.join(bad)}")
+    return {k: float(v) for k, v in scales.items()}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.list_models:
@@ -147,6 +159,8 @@ def main(argv=None) -> int:
     try:
         given["model_kwargs"] = parse_key_values(args.model_kwargs)
         given["trainer_kwargs"] = parse_key_values(args.trainer_kwargs)
+        if args.lr_scales is not None:
+            given["lr_scales"] = parse_lr_scales(args.lr_scales)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -73,17 +73,70 @@ def test_each_update_is_one_fused_kernel(optimizer, kernel):
 
 
 def test_fused_optimizers_reload_from_config():
-    for opt in (FusedAdam(1e-3, weight_decay=0.01), FusedSGD(0.1, momentum=0.9, nesterov=True)):
+    for opt in (FusedAdam(1e-3, weight_decay=0.01, lr_scales={"dense/kernel": 0.1}),
+                FusedSGD(0.1, momentum=0.9, nesterov=True, fused=False)):
         again = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
         assert type(again) is type(opt) and again.get_config() == opt.get_config()
+
+
+@pytest.mark.parametrize("make", [lambda **kw: FusedAdam(0.05, **kw), lambda **kw: FusedSGD(0.05, momentum=0.9, **kw),
+                                  lambda **kw: FusedAdam(0.05, fused=False, **kw)])
+def test_lr_scales_train_a_variable_at_a_fraction_of_the_rate(make):
+    """A variable scaled by 0.1 ends where the same optimizer at 0.1x the rate takes it; the others are untouched."""
+    def run(optimizer):
+        variables = [keras.Variable(np.ones((3, 2), np.float32), name="kernel"), keras.Variable(np.zeros(2, np.float32))]
+        optimizer.build(variables)
+        for i in range(3):
+            optimizer.apply([tf.fill((3, 2), 0.5 * (i + 1)), tf.fill((2,), -0.3 * (i + 1))], variables)
+        return [v.numpy() for v in variables]
+
+    probe = [keras.Variable(np.ones((3, 2), np.float32), name="kernel"), keras.Variable(np.zeros(2, np.float32))]
+    scaled = run(make(lr_scales={probe[0].path: 0.1}))  # paths are "kernel" and "variable": the same in run()
+    full, slow = run(make()), run(_at_rate(make, 0.005))
+    np.testing.assert_allclose(scaled[0], slow[0], rtol=1e-6)
+    np.testing.assert_allclose(scaled[1], full[1], rtol=1e-6)
+    assert not np.allclose(scaled[0], full[0])
+
+
+def _at_rate(make, rate):
+    opt = make()
+    opt.learning_rate = rate
+    return opt
+
+
+def test_lr_scales_naming_no_trained_variable_is_an_error():
+    with pytest.raises(ValueError, match="predictions/kernel"):
+        FusedAdam(1e-3, lr_scales={"predictions/kernel": 0.01}).build([keras.Variable(np.ones(2, np.float32))])
+
+
+def test_unfused_optimizers_take_keras_arithmetic():
+    variables = [keras.Variable(np.ones((3, 2), np.float32))]
+    opt = FusedAdam(0.01, fused=False)
+    opt.build(variables)
+    step = tf.function(lambda: opt.apply([tf.ones((3, 2))], variables))
+    assert "ResourceApplyAdam" not in [op.type for op in step.get_concrete_function().graph.get_operations()]
 
 
 def test_training_builds_the_fused_optimizers_unless_turned_off():
     from covidx.training.engine import TrainConfig, build_optimizer
 
     def built(**kwargs):
-        return type(build_optimizer(TrainConfig(epochs=2, learning_rate=1e-3, min_learning_rate=0.0, schedule="cosine", momentum=0.9, **kwargs), 10))
+        return build_optimizer(TrainConfig(epochs=2, learning_rate=1e-3, min_learning_rate=0.0, schedule="cosine", momentum=0.9, **kwargs), 10)
 
-    assert built(optimizer="adam") is FusedAdam and built(optimizer="sgd") is FusedSGD
-    assert built(optimizer="adam", fused_optimizer=False) is keras.optimizers.Adam
-    assert built(optimizer="sgd", fused_optimizer=False) is keras.optimizers.SGD
+    assert type(built(optimizer="adam")) is FusedAdam and type(built(optimizer="sgd")) is FusedSGD
+    assert built(optimizer="adam").fused and built(optimizer="sgd").fused
+    assert not built(optimizer="adam", fused_optimizer=False).fused
+    assert not built(optimizer="sgd", fused_optimizer=False).fused
+
+
+def test_training_resolves_lr_scales_by_layer_name():
+    from covidx.training.engine import TrainConfig, build_optimizer
+
+    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="hidden"), keras.layers.Dense(2, name="predictions")])
+    cfg = TrainConfig(epochs=2, optimizer="adam", learning_rate=1e-3, min_learning_rate=0.0, schedule="cosine",
+                      lr_scales={"predictions": 0.01})
+    head = net.get_layer("predictions")
+    assert build_optimizer(cfg, 10, net).lr_scales == {head.kernel.path: 0.01, head.bias.path: 0.01}
+    cfg.lr_scales = {"head": 0.1}
+    with pytest.raises(ValueError, match="no layer 'head'"):
+        build_optimizer(cfg, 10, net)

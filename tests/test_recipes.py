@@ -32,10 +32,10 @@ DOCUMENTED = {
     "mag-sd": dict(precision="auto",
                    optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=0.3, image_size=128,
                    epochs=6, batch_size=16, weight_decay=0.0, augment="light", trainer="magsd", clahe_prob=1.0,
-                   clahe_inference=True),
+                   clahe_inference=True, lr_scales=(("predictions", 0.01),)),
     "ensemble": dict(precision="auto",
                      optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=0.3, image_size=128,
-                     epochs=5, batch_size=16, task="3class", class_weights=True),
+                     epochs=5, batch_size=16, task="3class", class_weights=True, augment="light"),
     "lung-unet": dict(precision="auto",
                       optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=1.0,
                       image_size=256, epochs=15, batch_size=8, min_learning_rate=0.0, task="lungs"),
@@ -75,7 +75,7 @@ def test_quick_recipe_resolves_to_the_documented_settings(name, expected):
     assert preset == quick
     for k, v in expected.items():
         if hasattr(cfg, k):
-            assert getattr(cfg, k) == v, (name, k)
+            assert getattr(cfg, k) == (dict(v) if k == "lr_scales" else v), (name, k)
 
 
 def test_flags_override_either_recipe():
@@ -86,6 +86,9 @@ def test_flags_override_either_recipe():
     assert resolve(TrainConfig(model="seme-resnet50", recipe="quick", precision="fp32"))[0].precision == "fp32"
     assert resolve(TrainConfig(model="seme-resnet50", recipe="quick", mixed_precision=True))[0].precision == "fp16"
     assert resolve(TrainConfig(model="baseline-smallcnn", recipe="quick"))[0].precision == "fp32"  # default run as is
+    assert resolve(TrainConfig(model="mag-sd", recipe="quick"))[0].lr_scales == {"predictions": 0.01}
+    assert resolve(TrainConfig(model="mag-sd", recipe="quick", lr_scales={}))[0].lr_scales == {}
+    assert resolve(TrainConfig(model="mag-sd"))[0].lr_scales == {}  # the paper's: one rate
     cfg, _, _ = resolve(TrainConfig(model="seme-resnet50"))
     assert (cfg.optimizer, cfg.learning_rate, cfg.image_size, cfg.epochs) == ("sgd", 1e-4, 512, 80)  # paper default
 

@@ -89,6 +89,12 @@ def test_bad_input_gives_one_clear_error_line(tmp_path, dataset, capsys):
     assert code == 2 and "unknown model 'resnet9000'" in err
     code, err = run("--data", dataset / "manifest.csv", "--layout", "dicomdir", "--out", tmp_path)
     assert code != 0 and "dicomdir" in err
+    code, err = run("--data", dataset / "manifest.csv", "--lr-scale", "predictions=fast", "--out", tmp_path)
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        "error: --lr-scale takes LAYER=FACTOR with a positive number, got predictions=fast")
+    code, err = run("--data", dataset / "manifest.csv", "--lr-scale", "head=0.1", "--image-size", 32, "--epochs", 1,
+                    "--no-verify", "--out", tmp_path)
+    assert code == 2 and "lr_scales:" in err and "no layer 'head'" in err.strip().splitlines()[-1]
 
 
 def test_imagenet_weights_missing_names_the_file(tmp_path, dataset):

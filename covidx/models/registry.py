@@ -44,6 +44,7 @@ class Preset:
     schedule: str = "cosine"  # "cosine", "constant" or "step"
     min_learning_rate: float = 0.0
     warmup_epochs: float = 0.0  # linear warm-up from 0 to learning_rate before the schedule (quick recipes)
+    lr_scales: tuple = ()  # ((layer name, factor), ...): those layers train at factor x the learning rate
     augment: str = "none"  # a name from covidx.data.augment.PRESETS
     clahe_prob: float = 0.0  # probability of CLAHE per training image
     clahe_inference: bool = False  # CLAHE on every image at evaluation / inference

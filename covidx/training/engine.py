@@ -82,6 +82,7 @@ class TrainConfig:
     schedule: str | None = None
     min_learning_rate: float | None = None
     warmup_epochs: float | None = None
+    lr_scales: dict | None = None  # {layer name: learning-rate factor} (the preset's: MAG-SD's quick recipe)
     recipe: str = "paper"  # "paper" (the model's preset) or "quick" (covidx.models.recipes)
     class_weights: bool | None = None
     weights: str | None = None
@@ -149,6 +150,7 @@ def resolve(cfg: TrainConfig):
         if v is None and hasattr(preset, k):
             values[k] = getattr(preset, k)
     # Paths absolute, so config.json (and --resume) mean the same files from any folder.
+    values["lr_scales"] = dict(values["lr_scales"])  # the preset's pairs, or a dict from flags / config.json
     values["data"] = [str(Path(d).resolve()) for d in values["data"]]
     values["out"] = str(Path(values["out"]).resolve())
     if values["lung_masks"]:
@@ -169,7 +171,22 @@ def synthetic_default(cfg: TrainConfig) -> Path:
     return manifest
 
 
-def build_optimizer(cfg: TrainConfig, steps_per_epoch: int):
+def layer_rates(net: keras.Model, lr_scales: dict) -> dict:
+    """``{variable path: factor}`` for the trainable variables of the layers named in ``lr_scales``."""
+    rates = {}
+    for name, factor in lr_scales.items():
+        try:
+            layer = net.get_layer(name)
+        except ValueError:
+            raise ValueError(f"lr_scales: {net.name} has no layer {name!r}") from None
+        if not layer.trainable_weights:
+            raise ValueError(f"lr_scales: layer {name!r} of {net.name} has no trainable weights")
+        rates.update({v.path: float(factor) for v in layer.trainable_weights})
+    return rates
+
+
+def build_optimizer(cfg: TrainConfig, steps_per_epoch: int, net: keras.Model | None = None):
+    """The optimizer ``cfg`` names with its schedule and warm-up; ``net`` resolves ``cfg.lr_scales``."""
     warmup = int(round((cfg.warmup_epochs or 0.0) * steps_per_epoch))
     total = max(1, cfg.epochs * steps_per_epoch - warmup)  # the schedule runs after the warm-up
     lr = cfg.learning_rate
@@ -184,12 +201,12 @@ def build_optimizer(cfg: TrainConfig, steps_per_epoch: int):
         raise ValueError(f"unknown schedule {cfg.schedule!r} (cosine, step, constant)")
     if warmup > 0:
         lr = WarmUp(lr, warmup)
-    wd = cfg.weight_decay or None
+    options = dict(weight_decay=cfg.weight_decay or None, fused=cfg.fused_optimizer,
+                   lr_scales=layer_rates(net, cfg.lr_scales) if cfg.lr_scales else None)
     if cfg.optimizer == "sgd":
-        sgd = FusedSGD if cfg.fused_optimizer else keras.optimizers.SGD
-        return sgd(lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=wd)
+        return FusedSGD(lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **options)
     if cfg.optimizer == "adam":
-        return (FusedAdam if cfg.fused_optimizer else keras.optimizers.Adam)(lr, weight_decay=wd)
+        return FusedAdam(lr, **options)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r} (sgd, adam)")
 
 
@@ -349,7 +366,7 @@ def _train(cfg: TrainConfig, strategy, resume, chief: bool, scratch: Path) -> Pa
         else:
             loss = keras.losses.CategoricalCrossentropy()
             metrics = [keras.metrics.CategoricalAccuracy(name="accuracy"), keras.metrics.AUC(name="auc", multi_label=True)]
-        trainer.compile(optimizer=build_optimizer(cfg, steps), loss=loss, metrics=metrics,
+        trainer.compile(optimizer=build_optimizer(cfg, steps, net), loss=loss, metrics=metrics,
                         jit_compile=resolve_jit_compile(cfg.jit_compile, net))
         trainer(sample[0])  # build before BackupAndRestore restores weights
         trainer.sample_batch = sample
