@@ -35,7 +35,7 @@ DOCUMENTED = {
                    clahe_inference=True, lr_scales=(("predictions", 0.01),)),
     "ensemble": dict(precision="auto",
                      optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=0.3, image_size=128,
-                     epochs=5, batch_size=16, task="3class", class_weights=True, augment="light"),
+                     epochs=5, batch_size=16, task="3class", class_weights=True, augment="none"),
     "lung-unet": dict(precision="auto",
                       optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=1.0,
                       image_size=256, epochs=15, batch_size=8, min_learning_rate=0.0, task="lungs"),
