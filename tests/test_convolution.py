@@ -47,18 +47,13 @@ def _numpy_depthwise_kernel_grad(x, dy, k, s, padding, multiplier):
     return grad
 
 
-@pytest.mark.parametrize("size, k, s, padding, bias", CASES)
-def test_gradients_equal_numpy_and_keras_conv2d(size, k, s, padding, bias):
-    rng = np.random.default_rng(size * 10 + k)
-    x = tf.constant(rng.normal(size=(3, size, size, 8)).astype("float32"))
-    with precision_scope("bf16"):
-        reference = keras.layers.Conv2D(6, k, strides=s, padding=padding, use_bias=bias,
-                                        bias_initializer="random_normal")
-        layer = Conv2D(6, k, strides=s, padding=padding, use_bias=bias)
+def _against_keras(reference, layer, x, atol):
+    """``layer`` and Keras' ``reference`` (given its weights) on ``x``: the output and the gradients of a weighted sum
+    (input, kernel, bias) agree; returns ``layer``'s ``[y, dx, dkernel(, dbias)]`` and the sum's weights (= dL/dy).
+    The bias gradient is checked here against the NumPy sum of dL/dy."""
     reference.build(x.shape)
     layer.build(x.shape)
     layer.set_weights(reference.get_weights())
-    assert matmul_grad_applies(layer, tf.cast(x, tf.bfloat16))
     results = []
     for conv in (reference, layer):
         with tf.GradientTape() as tape:
@@ -68,12 +63,27 @@ def test_gradients_equal_numpy_and_keras_conv2d(size, k, s, padding, bias):
             loss = tf.reduce_sum(tf.cast(y, tf.float32) * weights)
         results.append([y] + tape.gradient(loss, [x] + conv.trainable_weights))
     for got, expected in zip(results[1], results[0]):
-        np.testing.assert_allclose(np.float32(got), np.float32(expected), rtol=2e-2, atol=2e-2)
-    x16 = tf.cast(tf.cast(x, tf.bfloat16), tf.float32).numpy().astype(np.float64)
-    expected = _numpy_kernel_grad(x16, weights.numpy().astype(np.float64), k, s, padding)
-    np.testing.assert_allclose(results[1][2].numpy(), expected, rtol=1e-2, atol=5e-2)
-    if bias:
+        np.testing.assert_allclose(np.float32(got), np.float32(expected), rtol=2e-2, atol=atol)
+    if layer.use_bias:
         np.testing.assert_allclose(results[1][3].numpy(), weights.numpy().sum(axis=(0, 1, 2)), rtol=1e-2, atol=1e-2)
+    return results[1], weights.numpy().astype(np.float64)
+
+
+def _bf16(x):
+    return tf.cast(tf.cast(x, tf.bfloat16), tf.float32).numpy().astype(np.float64)
+
+
+@pytest.mark.parametrize("size, k, s, padding, bias", CASES)
+def test_gradients_equal_numpy_and_keras_conv2d(size, k, s, padding, bias):
+    rng = np.random.default_rng(size * 10 + k)
+    x = tf.constant(rng.normal(size=(3, size, size, 8)).astype("float32"))
+    with precision_scope("bf16"):
+        reference = keras.layers.Conv2D(6, k, strides=s, padding=padding, use_bias=bias,
+                                        bias_initializer="random_normal")
+        layer = Conv2D(6, k, strides=s, padding=padding, use_bias=bias)
+    assert matmul_grad_applies(layer, tf.cast(x, tf.bfloat16))
+    grads, dy = _against_keras(reference, layer, x, atol=2e-2)
+    np.testing.assert_allclose(grads[2].numpy(), _numpy_kernel_grad(_bf16(x), dy, k, s, padding), rtol=1e-2, atol=5e-2)
 
 
 @pytest.mark.parametrize("k, s, padding", [(1, 1, "SAME"), (1, 2, "VALID"), (3, 1, "SAME"), (3, 2, "SAME"),
@@ -95,9 +105,14 @@ def test_kernel_gradient_is_a_matmul_only_where_it_is_faster():
     assert matmul_grad_applies(large, tf.zeros((1, 2 * side, 2 * side, 4), tf.bfloat16))  # stride 2: 8x8 outputs
     assert not matmul_grad_applies(pointwise, tf.zeros((1, 8, 8, 4), tf.float32))  # float32: oneDNN's kernel
 
-    x = tf.zeros((2, 8, 8, 4))
     with precision_scope("bf16"):
         layer = Conv2D(4, 1)
+    ops = [op.type for op in _weight_gradient_ops(layer, tf.zeros((2, 8, 8, 4)))]
+    assert "MatMul" in ops and "Conv2DBackpropFilter" not in ops
+
+
+def _weight_gradient_ops(layer, x):
+    """The operations of the graph computing ``layer``'s weight gradients on ``x`` (built here)."""
     layer.build(x.shape)
 
     @tf.function
@@ -106,8 +121,7 @@ def test_kernel_gradient_is_a_matmul_only_where_it_is_faster():
             y = layer(x)
         return tape.gradient(y, layer.trainable_weights)
 
-    ops = [op.type for op in grads.get_concrete_function(x).graph.get_operations()]
-    assert "MatMul" in ops and "Conv2DBackpropFilter" not in ops
+    return grads.get_concrete_function(x).graph.get_operations()
 
 
 @pytest.mark.parametrize("size, k, s, padding, multiplier, bias", [
@@ -119,25 +133,10 @@ def test_depthwise_gradients_equal_numpy_and_keras(size, k, s, padding, multipli
         reference = keras.layers.DepthwiseConv2D(k, strides=s, padding=padding, depth_multiplier=multiplier,
                                                  use_bias=bias, bias_initializer="random_normal")
         layer = DepthwiseConv2D(k, strides=s, padding=padding, depth_multiplier=multiplier, use_bias=bias)
-    reference.build(x.shape)
-    layer.build(x.shape)
-    layer.set_weights(reference.get_weights())
     assert fp32_depthwise_grad_applies(layer, tf.cast(x, tf.bfloat16))
-    results = []
-    for conv in (reference, layer):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = conv(x)
-            weights = tf.reshape(tf.cast(tf.range(tf.size(y)) % 7 - 3, tf.float32), y.shape)
-            loss = tf.reduce_sum(tf.cast(y, tf.float32) * weights)
-        results.append([y] + tape.gradient(loss, [x] + conv.trainable_weights))
-    for got, expected in zip(results[1], results[0]):
-        np.testing.assert_allclose(np.float32(got), np.float32(expected), rtol=2e-2, atol=5e-2)
-    x16 = tf.cast(tf.cast(x, tf.bfloat16), tf.float32).numpy().astype(np.float64)
-    expected = _numpy_depthwise_kernel_grad(x16, weights.numpy().astype(np.float64), k, s, padding, multiplier)
-    np.testing.assert_allclose(results[1][2].numpy(), expected, rtol=1e-2, atol=5e-2)
-    if bias:
-        np.testing.assert_allclose(results[1][3].numpy(), weights.numpy().sum(axis=(0, 1, 2)), rtol=1e-2, atol=1e-2)
+    grads, dy = _against_keras(reference, layer, x, atol=5e-2)
+    expected = _numpy_depthwise_kernel_grad(_bf16(x), dy, k, s, padding, multiplier)
+    np.testing.assert_allclose(grads[2].numpy(), expected, rtol=1e-2, atol=5e-2)
 
 
 def test_depthwise_kernel_gradient_in_float32_only_for_large_bfloat16_kernels():
@@ -147,19 +146,9 @@ def test_depthwise_kernel_gradient_in_float32_only_for_large_bfloat16_kernels():
     assert fp32_depthwise_grad_applies(five, x)
     assert not fp32_depthwise_grad_applies(three, x)  # oneDNN's bfloat16 kernel is fast for 3x3
     assert not fp32_depthwise_grad_applies(five, tf.zeros((2, 8, 8, 4)))  # float32 anyway
-    five.build(x.shape)
-
-    @tf.function
-    def grads(x):
-        with tf.GradientTape() as tape:
-            y = five(x)
-        return tape.gradient(y, five.trainable_weights)
-
-    graph = grads.get_concrete_function(tf.zeros((2, 8, 8, 4))).graph
-    filters = [op for op in graph.get_operations() if op.type == "DepthwiseConv2dNativeBackpropFilter"]
-    assert [op.inputs[0].dtype for op in filters] == [tf.float32]
-    forward = [op for op in graph.get_operations() if op.type == "DepthwiseConv2dNative"]
-    assert [op.inputs[0].dtype for op in forward] == [tf.bfloat16]
+    ops = _weight_gradient_ops(five, tf.zeros((2, 8, 8, 4)))
+    assert [op.inputs[0].dtype for op in ops if op.type == "DepthwiseConv2dNativeBackpropFilter"] == [tf.float32]
+    assert [op.inputs[0].dtype for op in ops if op.type == "DepthwiseConv2dNative"] == [tf.bfloat16]
 
 
 def _entries(path):
