@@ -4,7 +4,8 @@ Why MAG-SD's quick recipe sets ``lr_scales`` (``covidx/models/recipes.py``): MA-
 attention-pooled feature (65,536 values, L2-normalised and scaled to norm 100), so one Adam step on each of its
 weights moves the logits by the step times the feature's L1 norm. This trains MA-Net with MAG-SD's own train step
 (the attention-guided views and the soft distance) on the first ``steps`` x 16 images of a Kermany-layout folder
-(shuffled with seed 0, 128 px gray, no CLAHE or augmentation, bf16 where the CPU has bfloat16 units), with Adam at
+(shuffled with seed 0, prepared as the quick recipe's evaluation path prepares them: 128 px, CLAHE; no
+augmentation; bf16 where the CPU has bfloat16 units), with Adam at
 1e-3 after 20 steps of warm-up, once per classifier factor, and prints per 10 steps: the loss, the cross-entropy of
 the primary prediction, the largest spread of one image's log-probabilities (max - min; ~10 means the logits jump)
 and the accuracy. The same seed and images for every factor.
@@ -24,15 +25,16 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import cv2  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from covidx.data.io import read_image  # noqa: E402
+from covidx.data.inference import gray_input, preprocess_gray  # noqa: E402
+from covidx.data.preprocess import PreprocessConfig  # noqa: E402
 from covidx.data.sources import read_kermany  # noqa: E402
 from covidx.layers.grouped_conv import fast_convolutions  # noqa: E402
 from covidx.models import create_model  # noqa: E402
+from covidx.models.recipes import recipe_preset  # noqa: E402
 from covidx.precision import cpu_model, fused_batch_norms, precision_scope  # noqa: E402
 from covidx.training.engine import layer_rates  # noqa: E402
 from covidx.training.magsd import MagSDTrainer  # noqa: E402
@@ -45,9 +47,10 @@ SIZE, BATCH, PEAK, WARMUP = 128, 16, 1e-3, 20
 
 def images(folder: str, n: int):
     table = read_kermany(folder)[0].sample(frac=1.0, random_state=0).head(n)
-    x = np.stack([cv2.resize(read_image(p), (SIZE, SIZE), interpolation=cv2.INTER_AREA) for p in table.path])
+    config = PreprocessConfig.from_preset(recipe_preset("mag-sd", "quick"), image_size=SIZE)
+    x = np.stack([preprocess_gray(gray_input(p), config).numpy() for p in table.path])
     y = keras.utils.to_categorical([CLASSES.index(f) for f in table.finding], len(CLASSES))
-    return x[..., None].astype("float32"), y.astype("float32")
+    return x, y.astype("float32")
 
 
 def probe(x, y, factor: float, steps: int) -> None:

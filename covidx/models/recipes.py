@@ -136,10 +136,10 @@ QUICK: dict[str, dict[str, tuple]] = {
         "precision": ("auto", _BF16),
         "lr_scales": ((("predictions", 0.01),), "the classifier at 1/100 of the rate: its 65,536 inputs are the "
                       "attention-pooled feature, L2-normalised and scaled to norm 100, so one Adam step of 1e-3 on "
-                      "every weight moves the logits by ~10 (benchmarks/magsd_start.py, Kermany, 128 px: from step 11 "
-                      "log-probabilities 9-17 apart and a training cross-entropy of 1.5-3.6, above the class prior's "
-                      "1.05; at 1/100: 0.65-0.80 after step 50; in 20 CPU-minutes validation AUC after one epoch "
-                      "0.568 -> 0.856, kept epoch 0.899 -> 0.904)"),
+                      "every weight moves the logits by ~10 (benchmarks/magsd_start.py, Kermany, 128 px: from step 21 "
+                      "log-probabilities 10-28 apart, a training cross-entropy of 1.7-3.3 from step 11, above the class "
+                      "prior's 1.05; at 1/100: 0.64-0.79 after step 50; in 20 CPU-minutes validation AUC after one "
+                      "epoch 0.568 -> 0.856, kept epoch 0.899 -> 0.904)"),
         "augment": ("light", "light augmentation (+-10 deg, zoom/shift 10/5 %): MAG-SD's Table 2 set "
                              "(rotation +-120 deg, crops, brightness) is for 100 epochs; in a few epochs it "
                              "hides the classes (viral sensitivity ~0 after one epoch)"),
