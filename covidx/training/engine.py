@@ -11,6 +11,7 @@ is the command line over this.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import os
 import time
@@ -172,16 +173,26 @@ def synthetic_default(cfg: TrainConfig) -> Path:
 
 
 def layer_rates(net: keras.Model, lr_scales: dict) -> dict:
-    """``{variable path: factor}`` for the trainable variables of the layers named in ``lr_scales``."""
+    """``{variable path: factor}`` for the trainable variables of the layers named in ``lr_scales``.
+
+    A name with ``*``, ``?`` or ``[`` is a pattern over the model's layer names (:mod:`fnmatch`:
+    ``"vgg19_*"`` is every layer of the ensemble's VGG19 branch) and takes every matching layer with
+    trainable weights; a later entry overrides an earlier one for the layers both name.
+    """
     rates = {}
     for name, factor in lr_scales.items():
-        try:
-            layer = net.get_layer(name)
-        except ValueError:
-            raise ValueError(f"lr_scales: {net.name} has no layer {name!r}") from None
-        if not layer.trainable_weights:
-            raise ValueError(f"lr_scales: layer {name!r} of {net.name} has no trainable weights")
-        rates.update({v.path: float(factor) for v in layer.trainable_weights})
+        if any(c in name for c in "*?["):
+            layers = [l for l in net.layers if fnmatch.fnmatchcase(l.name, name) and l.trainable_weights]
+            if not layers:
+                raise ValueError(f"lr_scales: no layer of {net.name} with trainable weights matches {name!r}")
+        else:
+            try:
+                layers = [net.get_layer(name)]
+            except ValueError:
+                raise ValueError(f"lr_scales: {net.name} has no layer {name!r}") from None
+            if not layers[0].trainable_weights:
+                raise ValueError(f"lr_scales: layer {name!r} of {net.name} has no trainable weights")
+        rates.update({v.path: float(factor) for layer in layers for v in layer.trainable_weights})
     return rates
 
 
