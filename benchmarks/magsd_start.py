@@ -45,9 +45,11 @@ CLASSES = ("bacterial", "normal", "viral")
 SIZE, BATCH, PEAK, WARMUP = 128, 16, 1e-3, 20
 
 
-def images(folder: str, n: int):
+def images(folder: str, n: int, model: str = "mag-sd"):
+    """The first ``n`` images of a Kermany-layout folder (shuffled, seed 0) as ``model``'s quick recipe evaluates
+    them, and their one-hot stage-1 labels."""
     table = read_kermany(folder)[0].sample(frac=1.0, random_state=0).head(n)
-    config = PreprocessConfig.from_preset(recipe_preset("mag-sd", "quick"), image_size=SIZE)
+    config = PreprocessConfig.from_preset(recipe_preset(model, "quick"), image_size=SIZE)
     x = np.stack([preprocess_gray(gray_input(p), config).numpy() for p in table.path])
     y = keras.utils.to_categorical([CLASSES.index(f) for f in table.finding], len(CLASSES))
     return x, y.astype("float32")

@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--min-lr", dest="min_learning_rate", type=float, help="eta_min of cosine annealing")
     ap.add_argument("--warmup-epochs", type=float, help="linear learning-rate warm-up (epochs) before the schedule")
     ap.add_argument("--lr-scale", dest="lr_scales", action="append", metavar="LAYER=FACTOR",
-                    help="train layer LAYER at FACTOR x the learning rate (repeatable; replaces the recipe's, "
-                         "e.g. --lr-scale predictions=1 undoes MAG-SD's quick one)")
+                    help="train layer LAYER at FACTOR x the learning rate; LAYER may be a pattern, 'vgg19_*' "
+                         "(repeatable; replaces the recipe's, e.g. --lr-scale predictions=1 undoes MAG-SD's quick one)")
     ap.add_argument("--momentum", type=float)
     ap.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--weight-decay", type=float)

@@ -53,6 +53,28 @@ def test_full_size_parameter_count_branches_and_freezing():
     assert E.freeze_backbones(model, None).trainable_params == 30_994_239
 
 
+def test_from_scratch_vgg19_branch_gets_he_uniform_kernels_that_keep_its_signal():
+    """He et al. 2015, Sec. 2.2: Glorot kernels (keras.applications') halve the signal at each of VGG19's ReLUs."""
+    keras.utils.set_random_seed(0)
+    model = E.build_ensemble(3, (32, 32, 3))
+    convs = [l for l in E.backbone_layers(model, "vgg19") if isinstance(l, keras.layers.Conv2D)]
+    assert len(convs) == 16
+    for conv in convs:
+        k = conv.kernel.numpy()
+        bound = np.sqrt(6.0 / np.prod(k.shape[:3]))  # U(-b, b), b = sqrt(6 / fan_in)
+        assert np.abs(k).max() <= bound and abs(k.std() * np.sqrt(3.0) / bound - 1.0) < 0.05, conv.name
+    k = model.get_layer("densenet121_conv1_conv").kernel.numpy()  # BN branches keep Glorot-uniform
+    assert abs(k.std() / np.sqrt(2.0 / (np.prod(k.shape[:3]) + np.prod(k.shape[:2]) * k.shape[3])) - 1.0) < 0.05
+
+    vgg = keras.applications.VGG19(include_top=False, weights=None, input_shape=(64, 64, 3), pooling="avg")
+    x = ImageNormalization("caffe")(np.random.default_rng(0).uniform(0, 255, (4, 64, 64, 3)).astype("float32"))
+    glorot = np.abs(vgg(x).numpy()).mean()
+    assert E.he_uniform_without_bn(vgg.layers) == 16
+    assert np.abs(vgg(x).numpy()).mean() > 100 * glorot
+    dense = keras.applications.DenseNet121(include_top=False, weights=None, input_shape=(32, 32, 3))
+    assert E.he_uniform_without_bn(dense.layers) == 0
+
+
 def _donor_densenet(size):
     """A DenseNet121 without top as keras.applications builds it, and a CheXNet-style copy with a 14-way head."""
     backbone = keras.applications.DenseNet121(include_top=False, weights=None, input_shape=(size, size, 3))

@@ -32,6 +32,10 @@ Design choices:
   backbone's layers from the input side or a layer name; the default ``"auto"`` freezes
   half of each backbone when pretrained weights are loaded and nothing when training
   from scratch (freezing random filters would only cripple the network).
+* **From scratch** (no weights files): every BN layer follows training (momentum 0.9,
+  :func:`~covidx.layers.normalization.track_batch_statistics`) and VGG19, which has no BN, gets He-uniform
+  kernels instead of keras.applications' Glorot-uniform, under which its ReLUs switch off and the
+  ensemble trains as two backbones (:func:`he_uniform_without_bn`).
 * **Class weights** (Table II: COVID-19 4283, Pneumonia 1587, Normal 701). These are the
   image counts of Table I (Normal 1587, Pneumonia 4283, COVID-19 701) re-assigned to the
   classes. The text states the rule: "Lower value is preferred for the class of higher

@@ -154,8 +154,9 @@ QUICK: dict[str, dict[str, tuple]] = {
         "warmup_epochs": (WARMUP_EPOCHS, _WARMUP + "; VGG19's branch has no BN"),
         "precision": ("auto", _BF16),
         "lr_scales": ((("vgg19_*", 0.3),), "VGG19's branch at 0.3x, VGG19's own quick rate (3e-4): it has no BN; at "
-                      "1e-3 its ReLUs switch off in the first hundred steps even from He-uniform kernels (its "
-                      "features then shrink to ~1 % of their start; at 0.3x they keep ~3 %, 1 % of them dead)"),
+                      "1e-3, even from He-uniform kernels, its pooled features shrink to 0.2 % of their start in 100 "
+                      "steps (share of the logits 0.017, DenseNet121's 3.2), at 0.3x to 2 % (0.15) "
+                      "(benchmarks/ensemble_start.py, Kermany, 128 px); in 20 CPU-minutes validation AUC 0.912"),
         # Not "augment": on Kermany in 20 CPU-minutes, light augmentation (which the DPNs and MAG-SD take) gave
         # validation AUC 0.892 against 0.906 with the paper's none: augmenting costs CPU (10.9 against 12.9 img/s)
         # and slowed learning more than it held back the gap between training (0.93) and validation AUC.
