@@ -145,8 +145,9 @@ def test_training_resolves_lr_scales_by_layer_name():
 def test_lr_scales_patterns_take_every_matching_layer_and_later_entries_win():
     from covidx.training.engine import layer_rates
 
-    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="vgg19_fc1"), keras.layers.Dropout(0.1, name="vgg19_drop"),
-                            keras.layers.Dense(3, name="vgg19_fc2"), keras.layers.Dense(2, name="predictions")])
+    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="vgg19_fc1"),
+                            keras.layers.Dropout(0.1, name="vgg19_drop"), keras.layers.Dense(3, name="vgg19_fc2"),
+                            keras.layers.Dense(2, name="predictions")])
     paths = {n: [v.path for v in net.get_layer(n).trainable_weights] for n in ("vgg19_fc1", "vgg19_fc2", "predictions")}
     rates = layer_rates(net, {"vgg19_*": 0.3, "vgg19_fc2": 0.5})
     assert rates == {**dict.fromkeys(paths["vgg19_fc1"], 0.3), **dict.fromkeys(paths["vgg19_fc2"], 0.5)}
