@@ -18,7 +18,8 @@ Usage::
 
     python benchmarks/realdata.py --kermany DIR --lungs DIR [--budget-min 20] [--unet-budget-min 15]
         [--models baseline-resnet50,seme-resnet50,...] [--paper] [--epochs N]
-        [--model-arg NAME:KEY=VALUE ...] [--image-size N] [--batch-size N] [--precision P] [--out DIR]
+        [--model-arg NAME:KEY=VALUE ...] [--image-size N] [--batch-size N] [--precision P] [--augment A]
+        [--out DIR]
     python benchmarks/realdata.py --table DIR/results.jsonl [...]   # README's table from earlier runs
 
 ``--regional`` measures Regional Learning on real radiographs (Cascade-SEMEnet §4.D): the lung U-Net
@@ -33,8 +34,9 @@ Grad-CAM energy inside the predicted lungs and its enrichment over the lung-area
 
 ``--epochs`` shortens the quick recipe so its warm-up + cosine schedule ends inside the budget
 (a budget that cuts a schedule at its peak learning rate wastes the last epochs). ``--model-arg``
-reduces a model where the CPU demands it (e.g. ``se-dpn92:width=0.5``); every such change is
-printed next to the result.
+reduces a model where the CPU demands it (e.g. ``se-dpn92:width=0.5``); ``--augment`` replaces the quick
+recipe's augmentation preset (e.g. ``none``, to measure what it buys); every such change is printed next to
+the result.
 """
 
 from __future__ import annotations
@@ -94,13 +96,13 @@ def machine_line(m: dict | None) -> str:
 def run_one(model: str, data: str, task: str, recipe: str, budget_s: float, out: Path, epochs: int | None,
             image_size: int | None, model_kwargs: dict, seed: int, steps_per_epoch: int | None = None,
             precision: str | None = None, batch_size: int | None = None, trainer: str | None = None,
-            lung_masks: str | None = None) -> dict:
+            lung_masks: str | None = None, augment: str | None = None) -> dict:
     cfg = TrainConfig(
         model=model, data=[data], task=task, recipe=recipe, epochs=epochs, image_size=image_size,
         val_fraction=0.15, test_fraction=0.0, respect_source_split=False, seed=seed, out=str(out),
         time_budget=budget_s, budget_clock="cpu", model_kwargs=model_kwargs, verbose=2, verify=False,
         report_splits=["val"], steps_per_epoch=steps_per_epoch, precision=precision, batch_size=batch_size,
-        trainer=trainer, lung_masks=lung_masks,
+        trainer=trainer, lung_masks=lung_masks, augment=augment,
     )
     t0 = time.perf_counter()
     run_dir = train(cfg)
@@ -118,7 +120,7 @@ def run_one(model: str, data: str, task: str, recipe: str, budget_s: float, out:
                 kept=kept, val_last=last,
                 precision=saved["train"]["precision"], batch_size=saved["train"]["batch_size"],
                 epochs_done=epochs_done, image_size=saved["preprocess"]["image_size"], model_kwargs=model_kwargs,
-                parameters=saved["parameters"], trainer=saved["trainer"])
+                parameters=saved["parameters"], trainer=saved["trainer"], augment=augment)  # the override, if any
 
 
 def audit_one(r: dict, inputs: tuple[str, ...]) -> dict:
@@ -180,6 +182,7 @@ def fmt(r: dict) -> str:
     fig += kept_text(r)
     reduced = f" reduced: {r['model_kwargs']}" if r["model_kwargs"] else ""
     trainer = f" trainer {r['trainer']}" if r.get("trainer") else ""
+    trainer += f" augment {r['augment']}" if r.get("augment") else ""
     return (f"{r['model']:<20} {r['recipe']:<6}{trainer} {r['image_size']:>4}px b{r.get('batch_size')} "
             f"{r.get('precision')} {fig:<52} cpu {b['cpu_s']:6.0f}s "
             f"wall {b['wall_s']:6.0f}s (+{r['total_wall_s'] - b['wall_s']:.0f}s setup/eval) "
@@ -210,6 +213,7 @@ def markdown(results: list[dict]) -> str:
             fig = "none"
         fig += kept_text(r)
         recipe = r["recipe"] + (f" ({r['trainer']})" if r.get("trainer") and r["trainer"] != "standard" else "")
+        recipe += f", augment {r['augment']}" if r.get("augment") else ""
         reduced = f", {r['model_kwargs']}" if r.get("model_kwargs") else ""
         size = f"{r['image_size']} px, {r.get('batch_size') or '—'}, {r.get('precision') or 'fp32'}"
         lines.append(f"| {r['model']}{reduced} | {recipe} | {size} | {fig} | {b['cpu_s']:,.0f} | {b['wall_s']:,.0f} "
@@ -253,6 +257,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model-arg", action="append", default=[], metavar="MODEL:KEY=VALUE")
     ap.add_argument("--trainer", help="override the recipes' train step for --models (e.g. moex for "
                                       "seme-densenet169, whose regional step needs lung masks)")
+    ap.add_argument("--augment", help="override the quick recipe's augmentation preset for --models (none, light, ...)")
     ap.add_argument("--regional", action="store_true",
                     help="Regional Learning on --kermany: SEME-DenseNet169 with and without eq. 6, audited")
     ap.add_argument("--lung-masks", metavar="LUNG_RUN",
@@ -291,7 +296,8 @@ def main(argv=None) -> int:
                         epochs if recipe == "quick" else None, size if recipe == "quick" else None,
                         kwargs.get(model, {}), args.seed, args.steps_per_epoch if task != "lungs" else None,
                         args.precision, args.batch_size if recipe == "quick" and task != "lungs" else None,
-                        args.trainer if task != "lungs" else None)
+                        args.trainer if task != "lungs" else None,
+                        augment=args.augment if recipe == "quick" and task != "lungs" else None)
             r["machine"] = measured_on
             results.append(r)
             print("RESULT " + fmt(r), flush=True)

@@ -67,6 +67,9 @@ QUICK: dict[str, dict[str, tuple]] = {
         "epochs": (8, "8 epochs: enough at 128 px for the loss to flatten on a few thousand images"),
         "warmup_epochs": (WARMUP_EPOCHS, _WARMUP),
         "precision": ("auto", _BF16),
+        # Not "augment": the paper preset's light augmentation stays. On Kermany in 20 CPU-minutes, without it
+        # (12 epochs) validation AUC peaked at 0.909 in epoch 6 and fell to 0.898 as the training loss went to
+        # 0.02; with it (9 epochs) training and validation AUC stay together and reach 0.913.
     },
     # The default run's small VGG-style CNN: its own preset is already a CPU recipe (96 px, Adam 2e-3, cosine).
     "smallcnn": {
