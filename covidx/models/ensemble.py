@@ -117,9 +117,9 @@ def he_uniform_without_bn(layers) -> int:
     features are ~0.002, and from there Adam's first steps (each ~the learning rate, bias included) switch
     its ReLUs off: in the quick recipe's first 100 steps on Kermany 78 % of the branch's 512 pooled features
     became the same for every image, and in a 20-minute run 99 % (their share of the logits 4e-10), so the
-    ensemble trained as two backbones (``benchmarks/ensemble_start.py``). He-uniform (variance ``2 / fan_in``; He et al. 2015, Sec. 2.2, derived for
-    deep ReLU networks without normalisation such as VGG; Cascade-SEME's own VGG19 uses it, Sec. 5.A) keeps
-    the signal's scale through the 16 layers. A branch with BN keeps keras.applications' initialisers.
+    ensemble trained as two backbones (``benchmarks/ensemble_start.py``). He-uniform (variance ``2 / fan_in``;
+    He et al. 2015, Sec. 2.2, derived for deep ReLU networks without normalisation such as VGG; Cascade-SEME's
+    own VGG19 uses it, Sec. 5.A) keeps the signal's scale through the 16 layers. A branch with BN keeps keras.applications' initialisers.
     """
     if any(isinstance(l, keras.layers.BatchNormalization) for l in layers):
         return 0
