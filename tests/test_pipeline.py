@@ -128,6 +128,24 @@ def test_training_randomness_repeats_for_a_seed_and_changes_per_epoch(tmp_path):
     assert not np.array_equal(e1, e2)
 
 
+@pytest.mark.parametrize("cache", [True, False])
+def test_every_epoch_is_a_uniform_permutation_of_a_class_ordered_table(tmp_path, cache):
+    # Folder layouts list one class after the other; with more images than a bounded shuffle buffer holds
+    # (it had 2,048), epochs began with the first class and ended with the last.
+    two = select_task(make_table(tmp_path, n=2, size=(4, 4)), "4class")  # covid19, normal
+    n = 1500
+    t = pd.concat([two.iloc[[0]]] * n + [two.iloc[[1]]] * n, ignore_index=True)
+    ds = make_dataset(t, "4class", PreprocessConfig(image_size=4), training=True, batch_size=100, seed=3,
+                      cache=cache)
+    epochs = [np.concatenate([np.argmax(b[1].numpy(), 1) for b in ds]) for _ in range(2)]
+    covid = t.label_index.iloc[0]
+    for labels in epochs:
+        assert len(labels) == 2 * n and (labels == covid).sum() == n
+        quarters = (labels.reshape(4, -1) == covid).mean(1)  # share of the first class in each quarter
+        np.testing.assert_allclose(quarters, 0.5, atol=0.06)
+    assert not np.array_equal(epochs[0], epochs[1])
+
+
 def test_corrupt_image_is_skipped_by_the_pipeline(tmp_path):
     t = select_task(make_table(tmp_path, n=4), "4class")
     open(t.path[2], "wb").write(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)

@@ -27,6 +27,8 @@ from covidx.data.io import decode_bytes_tf, decode_tf, dicom_flags, to_channels
 from covidx.data.preprocess import PreprocessConfig, crop_tf, resize_tf
 from covidx.tasks import Task, get_task
 
+_FILE_CACHE_BUFFER = 2048  # decoded images held for reshuffling a cache file's fixed order
+
 
 def default_parallel_calls() -> int:
     """The CPU cores this process may use (the container's limit, not the host's)."""
@@ -75,6 +77,9 @@ def make_dataset(
         lung_masks: yield ``{"image", "lung_mask"}`` inputs (Regional Learning).
         cache: ``True`` for an in-memory cache of decoded, resized images; a path for a cache file;
             ``False`` for none.
+        shuffle: a new uniform permutation of the whole table every epoch (default: when ``training``).
+            Tables come ordered (by folder, so by class): a bounded shuffle buffer would start every epoch
+            with the first classes and end it with the last ones.
         ignore_errors: skip (and log) an image that fails to decode instead of stopping the run;
             files are also checked when the table is built.
         parallel_calls: images decoded / augmented at once (default: the usable CPU cores).
@@ -116,13 +121,20 @@ def make_dataset(
         return {"index": e["index"], "image": img, "masks": masks, "label": e["label"]}
 
     parallel = parallel_calls or default_parallel_calls()
+    file_cache = isinstance(cache, str) and cache != ""
+    if shuffle and (not cache or file_cache):
+        # Before decoding the buffer holds file names, so the whole table fits in it. (A cache file keeps the
+        # order of the epoch that wrote it: this permutes it once, the buffer below reshuffles it locally.)
+        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     ds = ds.map(load, num_parallel_calls=parallel, deterministic=True)
     if ignore_errors:
         ds = ds.ignore_errors(log_warning=True)
     if cache:
         ds = ds.cache(cache if isinstance(cache, str) else "")
-    if shuffle:
-        ds = ds.shuffle(min(len(paths), 2048), seed=seed, reshuffle_each_iteration=True)
+    if shuffle and cache:
+        # After an in-memory cache the buffer holds the cached tensors themselves (shared, not copied), so it
+        # takes the whole table: a uniform permutation every epoch. A cache file's images would be copied in.
+        ds = ds.shuffle(_FILE_CACHE_BUFFER if file_cache else len(paths), seed=seed, reshuffle_each_iteration=True)
 
     # One int64 pair per image and epoch: stateless randomness, fresh each epoch, repeatable across runs.
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
