@@ -119,7 +119,8 @@ def he_uniform_without_bn(layers) -> int:
     became the same for every image, and in a 20-minute run 99 % (their share of the logits 4e-10), so the
     ensemble trained as two backbones (``benchmarks/ensemble_start.py``). He-uniform (variance ``2 / fan_in``;
     He et al. 2015, Sec. 2.2, derived for deep ReLU networks without normalisation such as VGG; Cascade-SEME's
-    own VGG19 uses it, Sec. 5.A) keeps the signal's scale through the 16 layers. A branch with BN keeps keras.applications' initialisers.
+    own VGG19 uses it, Sec. 5.A) keeps the signal's scale through the 16 layers. A branch with BN keeps
+    keras.applications' initialisers.
     """
     if any(isinstance(l, keras.layers.BatchNormalization) for l in layers):
         return 0
