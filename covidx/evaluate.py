@@ -30,6 +30,7 @@ from pathlib import Path
 
 from covidx.data.io import DEFAULT_MAX_PIXELS, set_max_pixels
 from covidx.data.sources import DatasetError
+from covidx.data.synthetic import is_synthetic
 from covidx.explain.runs import AUDIT_INPUTS, run_audit
 from covidx.model_card import write_model_card
 from covidx.precision import PRECISIONS
@@ -81,6 +82,11 @@ def main(argv=None) -> int:
             evaluated_on = (f"{', '.join(Path(d).name for d in args.data)} ({args.split} split where it has one)"
                             if args.data else f"the run's held-out {args.split} split")
             print(f"{key}: {len(table)} images -> {out}")
+            generated = [how for how, yes in (("trained", run.config.synthetic), ("evaluated", is_synthetic(table)))
+                         if yes]
+            if generated:
+                print(f"  SYNTHETIC: {' and '.join(generated)} on generated images, not patients; these figures say "
+                      "nothing about real radiographs")
             if validation:
                 print(f"  external validation: the test split is every image of source {validation['source']!r}, "
                       "held out of training")

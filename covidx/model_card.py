@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from covidx.data.synthetic import is_synthetic
 from covidx.runs import CONFIG_FILE, SPLIT_FILE, RunConfig, read_split_csv
 
 CARD_NAME = "MODEL_CARD.md"
@@ -99,9 +100,8 @@ def render_model_card(config: Mapping, split: pd.DataFrame | None = None, evalua
     kind = config.get("kind", "classification")
     train = config.get("train", {})
     pre = config.get("preprocess", {})
-    # Generated data: the run says so, or its sources do (covidx.data.synthetic names them "<layout>-synthetic").
-    synthetic = bool(config.get("synthetic")) or (
-        split is not None and "source" in split and split["source"].astype(str).str.contains("synthetic", case=False).any())
+    # Generated data: the run says so, or its split does (runs written before the run said so by its data).
+    synthetic = bool(config.get("synthetic")) or (split is not None and is_synthetic(split))
     L = [f"# Model card: {model}", ""]
     if synthetic:
         L += ["> **SYNTHETIC**: trained on procedurally generated images, not on patients. Its figures say nothing "

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from covidx.data import load_sources, select_task
+from covidx.data.synthetic import is_synthetic
 from covidx.data.verify import verify_table
 from covidx.evaluation import (
     confounding_audit,
@@ -118,7 +119,7 @@ def report_section(run, table: pd.DataFrame, m: dict, probs, evaluated_on: str, 
     """The :class:`covidx.evaluation.html.ModelSection` of one evaluated classifier."""
     split = run.split_table()
     data = data_summary(split if split is not None and "label" in split else table, run.class_names, table,
-                        evaluated_on, run.config.extra.get("duplicates_removed"))
+                        evaluated_on, run.config.extra.get("duplicates_removed"), synthetic=is_synthetic(table))
     gallery = []
     if gallery_per_class > 0:
         try:

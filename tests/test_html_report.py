@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from covidx.evaluate import main as evaluate_main
-from covidx.evaluation.html import gallery_cases
+from covidx.evaluation.html import ModelSection, data_summary, gallery_cases, generated_data
 from covidx.model_card import render_model_card
 from tests.helpers import make_run
 
@@ -272,6 +272,21 @@ def test_export_carries_the_model_card(evaluated, tmp_path):
     shutil.copytree(run, bare, ignore=shutil.ignore_patterns("MODEL_CARD.md", "model_card_evaluation.json", "eval"))
     card = (export(bare, tmp_path / "exports2") / "assets.extra" / "MODEL_CARD.md").read_text()
     assert "## Training data" in card and "Not evaluated yet" in card and (bare / "MODEL_CARD.md").is_file()
+
+
+def test_page_is_labelled_synthetic_when_the_run_or_the_evaluated_images_are_generated():
+    table = pd.DataFrame(dict(source=["kermany"] * 2, split=["train", "test"], patient_id=["p1", "p2"],
+                              label=["viral", "normal"]))
+
+    def section(run_synthetic=False, data_synthetic=False, source="kermany"):
+        data = data_summary(table.assign(source=source), ["viral", "normal"], synthetic=data_synthetic)
+        return ModelSection(name="m", metrics={}, run={"synthetic": run_synthetic}, data=data)
+
+    assert not generated_data([section()])
+    assert generated_data([section(run_synthetic=True)])  # trained on generated images
+    assert generated_data([section(data_synthetic=True)])  # a real run evaluated on generated images
+    assert generated_data([section(source="kermany-synthetic")])  # sources named so
+    assert generated_data([section(), section(data_synthetic=True)])  # one section is enough
 
 
 def test_model_card_labels_generated_data_synthetic():

@@ -1,6 +1,7 @@
 """Leak-proof splits on generated copies of the real layouts: patient identity, duplicate images, split files,
 mixed-source splits, official test sets, the summary and views."""
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -364,7 +365,12 @@ def test_train_uses_exactly_the_written_split(tmp_path):
                         "1", "--batch-size", "8", "--steps-per-epoch", "2", "--out", str(tmp_path / "runs"),
                         "--verbose", "0"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    run = pd.read_csv(run_dir_of(tmp_path / "runs") / "split.csv", keep_default_na=False)
+    run_dir = run_dir_of(tmp_path / "runs")
+    run = pd.read_csv(run_dir / "split.csv", keep_default_na=False)
+    # Images that covidx did not generate: no --data, but nothing of the run says SYNTHETIC.
+    assert "SYNTHETIC" not in r.stdout and "val: accuracy" in r.stdout
+    assert json.loads((run_dir / "config.json").read_text())["synthetic"] is False
+    assert "> **SYNTHETIC**" not in (run_dir / "MODEL_CARD.md").read_text()  # the banner of generated data
     key = ["path", "label", "patient_id", "source", "split"]
     pd.testing.assert_frame_equal(run[key].sort_values("path").reset_index(drop=True),
                                   written[key].sort_values("path").reset_index(drop=True))

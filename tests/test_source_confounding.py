@@ -141,6 +141,7 @@ def test_train_test_source_is_an_external_validation(tmp_path):
     r = _cli("covidx.evaluate", "--checkpoint", run, "--bootstrap", 20)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "external validation" in r.stdout
+    assert "SYNTHETIC: trained and evaluated on generated images" in r.stdout
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert metrics["validation"] == {"kind": "external", "source": B}
     assert list(metrics["per_source"]) == [B]

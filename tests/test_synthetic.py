@@ -14,6 +14,7 @@ from covidx.data.synthetic import (
     MANIFEST_COLUMNS,
     SYNTHETIC_FINDINGS,
     generate_xray,
+    is_synthetic,
     main,
     make_anatomy,
     write_dataset,
@@ -289,6 +290,22 @@ def test_readers_accept_the_layouts(dataset, manifest):
     for frame in (kermany, cohen):
         for path, finding in zip(frame.path, frame.finding):
             assert by_path[str(Path(path))] == finding
+
+
+def test_generated_images_are_known_as_synthetic_however_they_are_read(dataset, tmp_path):
+    import shutil
+
+    from covidx.data.sources import read_cohen, read_csv_manifest, read_kermany
+
+    kermany, _ = read_kermany(dataset / "kermany")  # the folder layout's reader names the source "kermany"
+    assert set(kermany.source) == {"kermany"} and is_synthetic(kermany)
+    assert is_synthetic(read_cohen(dataset / "cohen")[0])
+    assert is_synthetic(read_csv_manifest(dataset / "manifest.csv")[0])  # by the manifest's source names
+    # The same files outside the generated folder (how real data looks to covidx) are not.
+    shutil.copytree(dataset / "kermany", tmp_path / "kermany")
+    copied, _ = read_kermany(tmp_path / "kermany")
+    assert len(copied) == len(kermany) and not is_synthetic(copied)
+    assert is_synthetic(pd.concat([copied, kermany]))  # one generated image is enough
 
 
 def test_write_dataset_is_deterministic(tmp_path):

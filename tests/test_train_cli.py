@@ -49,6 +49,8 @@ def test_train_writes_a_complete_run(tmp_path, dataset):
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["model"] == SMALL and cfg["classes"] == ["covid19", "bacterial", "viral", "normal"]
     assert cfg["preprocess"]["image_size"] == 32 and cfg["train"]["epochs"] == 2
+    # Generated data read through its folder layouts (sources "kermany", "cohen") is still said to be generated.
+    assert cfg["synthetic"] is True and "SYNTHETIC val:" in r.stdout
     split = pd.read_csv(run / "split.csv", keep_default_na=False)
     assert split.groupby("patient_id").split.nunique().max() == 1
     assert set(split.source) == {"kermany", "cohen"}

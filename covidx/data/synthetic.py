@@ -50,6 +50,7 @@ import argparse
 import csv
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -64,6 +65,7 @@ from covidx.data.io import largest_components
 
 __all__ = [
     "SYNTHETIC_FINDINGS", "SyntheticXray", "make_anatomy", "generate_xray", "draw_marker", "write_dataset", "main",
+    "is_synthetic", "generated_images",
     "SOURCE_STYLES", "SourceStyle", "apply_source_style", "write_multisource_dataset",
 ]
 
@@ -853,12 +855,41 @@ _OWN_ENTRIES = ("kermany", "cohen", "masks", "manifest.csv", "README.txt")
 _README_TITLE = "SYNTHETIC DATA - NOT REAL PATIENTS"
 
 
+def is_synthetic(table) -> bool:
+    """Whether a split table holds images this module generated: a source named ``*synthetic*`` (what the
+    manifests say), or an image below a folder whose ``README.txt`` carries the SYNTHETIC title
+    (:func:`generated_images`: what the Kermany / Cohen folder layouts of a generated dataset say, whose
+    readers name the source ``kermany`` / ``cohen``). Runs, model cards and reports label their figures
+    SYNTHETIC by this, whichever way the data came in (``--data``, ``--split`` or the default run)."""
+    if "source" in table and table["source"].astype(str).str.contains("synthetic", case=False).any():
+        return True
+    return "path" in table and any(generated_images(set(table["path"].astype(str))))
+
+
+def generated_images(paths) -> list[bool]:
+    """Per path: whether the file lies below a folder this module wrote (its ``README.txt`` says SYNTHETIC)."""
+    folders: dict[str, bool] = {}
+
+    def generated(folder: str) -> bool:
+        if folder not in folders:
+            resolved = Path(folder).resolve()
+            folders[folder] = any(_generated_root(d) for d in (resolved, *resolved.parents))
+        return folders[folder]
+
+    return [generated(os.path.dirname(os.path.abspath(str(p)))) for p in paths]
+
+
+def _generated_root(folder: Path) -> bool:
+    """Whether ``folder`` is the root of a dataset this module wrote (its README.txt says so)."""
+    readme = folder / "README.txt"
+    return readme.is_file() and readme.read_text(errors="replace").startswith(_README_TITLE)
+
+
 def _prepare_root(root: Path) -> None:
     """Clear a previous synthetic dataset in ``root`` (never anything else), then mark the folder."""
     existing = [root / n for n in _OWN_ENTRIES if (root / n).exists()]
     if existing:
-        readme = root / "README.txt"
-        if not (readme.is_file() and readme.read_text(errors="replace").startswith(_README_TITLE)):
+        if not _generated_root(root):
             raise FileExistsError(
                 f"{root} already holds {', '.join(p.name for p in existing)} and is not a covidx synthetic "
                 "dataset; choose an empty or new folder"
@@ -1035,8 +1066,7 @@ def write_multisource_dataset(
         raise ValueError(f"images_per_patient must be (min, max) with 1 <= min <= max, got {images_per_patient}")
     root = Path(root)
     if (root / "sources").exists():
-        readme = root / "README.txt"
-        if not (readme.is_file() and readme.read_text(errors="replace").startswith(_README_TITLE)):
+        if not _generated_root(root):
             raise FileExistsError(f"{root}/sources exists and {root} is not a covidx synthetic dataset")
         shutil.rmtree(root / "sources")
     _prepare_root(root)

@@ -84,12 +84,13 @@ def gallery_cases(y_true, y_prob, class_names: Sequence[str], per_class: int = 2
 
 
 def data_summary(table: pd.DataFrame, classes: Sequence[str], evaluated: pd.DataFrame | None = None,
-                 evaluated_on: str = "", duplicates_removed: int | None = None) -> dict:
+                 evaluated_on: str = "", duplicates_removed: int | None = None, synthetic: bool = False) -> dict:
     """Counts the page shows: sources, patients, images per split x class and split x source.
 
     ``table`` is the run's split table (``split.csv``: ``label``, ``patient_id``, ``source``,
     ``split``); ``evaluated`` the rows the metrics were computed on, described by
-    ``evaluated_on``. ``duplicates_removed`` is shown when the split recorded it.
+    ``evaluated_on``. ``duplicates_removed`` is shown when the split recorded it. ``synthetic``: the
+    evaluated images are generated ones (the page then carries the SYNTHETIC banner).
     """
     def counts(rows: pd.DataFrame, column: str, keys: Sequence[str]) -> list[dict]:
         splits = [s for s in SPLITS if (rows["split"] == s).any()] or sorted(rows["split"].unique())
@@ -104,7 +105,7 @@ def data_summary(table: pd.DataFrame, classes: Sequence[str], evaluated: pd.Data
 
     summary = dict(n_images=len(table), n_patients=int(table["patient_id"].nunique()),
                    sources=[], per_class=None, per_source=None, duplicates_removed=duplicates_removed,
-                   evaluated_on=evaluated_on, evaluated=None)
+                   evaluated_on=evaluated_on, evaluated=None, synthetic=bool(synthetic))
     source = table["source"].astype(str) if "source" in table else pd.Series("", index=table.index)
     for name, rows in table.assign(source=source).groupby("source", sort=True):
         summary["sources"].append(dict(name=name or "(unnamed)", images=len(rows),
@@ -208,6 +209,17 @@ def _section_context(section: ModelSection) -> dict:
     )
 
 
+def generated_data(sections: Sequence[ModelSection]) -> bool:
+    """Whether a page shows generated data: a run trained on it (``config["synthetic"]``), or data that
+    :func:`data_summary` was told are generated or whose sources are named so."""
+    for s in sections:
+        data = s.data or {}
+        if (s.run or {}).get("synthetic") or data.get("synthetic") or any(
+                "synthetic" in src["name"].lower() for src in data.get("sources", [])):
+            return True
+    return False
+
+
 def render_report(sections: Sequence[ModelSection], comparison: Mapping | None = None,
                   synthetic: bool | None = None, title: str | None = None) -> str:
     """The HTML text of the report.
@@ -216,16 +228,14 @@ def render_report(sections: Sequence[ModelSection], comparison: Mapping | None =
         sections: one :class:`ModelSection` per evaluated model.
         comparison: ``{"rows": compare_models(...), "class_names": [...], "roc": PNG path/bytes,
             "n_cases": int}`` for several models evaluated on the same cases.
-        synthetic: show the SYNTHETIC banner; default: when any section's run was trained on generated data
-            (``config["synthetic"]``) or its data sources say so.
+        synthetic: show the SYNTHETIC banner; default: :func:`generated_data`.
         title: page title (default: the model names).
     """
     if not sections:
         raise ValueError("a report needs at least one evaluated model")
     ctx = [_section_context(s) for s in sections]
     if synthetic is None:
-        synthetic = any(c["synthetic"] for c in ctx) or any(
-            "synthetic" in src["name"].lower() for s in sections if s.data for src in s.data["sources"])
+        synthetic = generated_data(sections)
     comp = None
     if comparison:
         names = list(comparison["class_names"])

@@ -29,7 +29,7 @@ from covidx.data.duplicates import NEAR_DISTANCE
 from covidx.data.prepare import SplitOptions, build_split
 from covidx.data.sources import IndexReport, parse_views
 from covidx.data.splitfile import read_split_file, write_split_file
-from covidx.data.synthetic import write_dataset
+from covidx.data.synthetic import is_synthetic, write_dataset
 from covidx.data.verify import verify_table
 from covidx.models import create_model, get_spec
 from covidx.model_card import write_model_card
@@ -301,6 +301,7 @@ def _train(cfg: TrainConfig, strategy, resume, chief: bool, scratch: Path) -> Pa
     if len(report.lines()) > 50:
         print(f"  ... and {len(report.lines()) - 50} more (python -m covidx.data PATH lists them all)")
     print(split_summary(table, task.image_classes))
+    synthetic = is_synthetic(table)  # however the data came in: the default run, --data or --split
     if cfg.test_source:
         test_t = table[table.split == "test"]
         print(f"external test split: every image of source {cfg.test_source!r} ({len(test_t)} images, "
@@ -389,7 +390,7 @@ def _train(cfg: TrainConfig, strategy, resume, chief: bool, scratch: Path) -> Pa
             respect_source_split=respect, class_weights=None if cw is None else [float(w) for w in cw],
             parameters=int(net.count_params()), paper=preset.paper,
             versions={"covidx": covidx.__version__, "tensorflow": tf.__version__, "keras": keras.__version__},
-            synthetic=not cfg.data, test_source=cfg.test_source, replicas=strategy.num_replicas_in_sync,
+            synthetic=synthetic, test_source=cfg.test_source, replicas=strategy.num_replicas_in_sync,
         ).save(run_dir)
     monitor, mode = checkpoint_monitor(task.kind, val_ds is not None)
     done = completed_epochs(run_dir / "backup") if resume is not None else 0  # what every worker restores
@@ -402,7 +403,7 @@ def _train(cfg: TrainConfig, strategy, resume, chief: bool, scratch: Path) -> Pa
         WorkerBackupAndRestore(run_dir / "backup", out_dir / "backup", delete_checkpoint=False),
         NetCheckpoint(out_dir, monitor=monitor, mode=mode),
         keras.callbacks.CSVLogger(str(out_dir / "history.csv"), append=True),
-        LearningCurves(out_dir, f"{cfg.model}, --recipe {cfg.recipe}{', SYNTHETIC data' if not cfg.data else ''}"),
+        LearningCurves(out_dir, f"{cfg.model}, --recipe {cfg.recipe}{', SYNTHETIC data' if synthetic else ''}"),
         keras.callbacks.TensorBoard(str(out_dir / "tensorboard"), write_graph=False, profile_batch=0),
         ValidationGap(setting=f"this run: {cfg.optimizer} at learning rate {cfg.learning_rate:g}, "
                               f"--recipe {cfg.recipe}"),
@@ -422,5 +423,5 @@ def _train(cfg: TrainConfig, strategy, resume, chief: bool, scratch: Path) -> Pa
     figures = [f for f in (split_figures(run_dir, split, cfg.seed) for split in cfg.report_splits) if f]
     (run_dir / END_OF_RUN).write_text(json.dumps(figures, indent=2))
     for f in figures:
-        print(f"{'SYNTHETIC ' if not cfg.data else ''}{f['line']}", flush=True)
+        print(f"{'SYNTHETIC ' if synthetic else ''}{f['line']}", flush=True)
     return shown
