@@ -15,7 +15,7 @@ TRAINABLE = [n for n in list_models() if get_spec(n).kind != "cascade"]
 DOCUMENTED = {
     "baseline-resnet50": dict(precision="auto",
                               optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=0.3,
-                              image_size=128, epochs=8, batch_size=16),
+                              image_size=128, epochs=12, batch_size=16),
     "seme-resnet50": dict(precision="auto",
                           optimizer="adam", learning_rate=1e-3, schedule="cosine", warmup_epochs=0.3,
                           image_size=128, epochs=6, batch_size=16, min_learning_rate=0.0, trainer="moex",
