@@ -100,7 +100,7 @@ def render_model_card(config: Mapping, split: pd.DataFrame | None = None, evalua
     kind = config.get("kind", "classification")
     train = config.get("train", {})
     pre = config.get("preprocess", {})
-    # Generated data: the run says so, or its split does (runs written before the run said so by its data).
+    # Generated data: the run's config says so, or its split table does (runs from before the config was right).
     synthetic = bool(config.get("synthetic")) or (split is not None and is_synthetic(split))
     L = [f"# Model card: {model}", ""]
     if synthetic:

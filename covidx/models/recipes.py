@@ -65,7 +65,8 @@ QUICK: dict[str, dict[str, tuple]] = {
         # 128 px: at 160 px (8 epochs in 2,177 of the 2,400 CPU s) validation AUC 0.909; the budget buys epochs instead.
         "image_size": (128, _SIZE),
         "batch_size": (16, _BATCH),
-        "epochs": (12, "12 epochs: on Kermany (4,425 images, 128 px) validation AUC still rises through epoch 12 (9 epochs 0.910, 12 epochs 0.918, in 1,647 and 2,385 CPU s)"),
+        "epochs": (12, "12 epochs: on Kermany (4,425 images, 128 px) validation AUC still rises through epoch 12 "
+                       "(9 epochs 0.910, 12 epochs 0.918, in 1,647 and 2,385 CPU s)"),
         "warmup_epochs": (WARMUP_EPOCHS, _WARMUP),
         "precision": ("auto", _BF16),
         # Not "augment": the paper preset's light augmentation stays. On Kermany in 20 CPU-minutes, without it
